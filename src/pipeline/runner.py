@@ -1,0 +1,145 @@
+"""One pipeline run: build the model, warm up, run the stages, save each stage's results as soon as it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.data import load_items, select
+from pipeline.environment import environment
+from pipeline.generation import Generator
+from pipeline.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from pipeline.prompts import build_prompt
+from pipeline.stages import Prediction, StageResult, run_batched, run_single
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
+
+
+@dataclass
+class RunResult:
+    dtype: str
+    device: str
+    attention: str
+    model_source: str
+    load_time_s: float
+    warmup_time_s: float
+    num_questions: int
+    environment: dict[str, str]
+    stages: list[StageResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Every numeric result: load and warm-up times, then each stage's metrics."""
+        metrics = {"load_time_s": self.load_time_s, "warmup_time_s": self.warmup_time_s}
+        for stage in self.stages:
+            metrics.update(stage.metrics())
+        return metrics
+
+    def summary(self) -> dict:
+        """The JSON-friendly record saved as results.json (predictions go to their own file)."""
+        record = {k: v for k, v in vars(self).items() if k != "stages"}
+        record["stages"] = {s.name: {k: v for k, v in vars(s).items() if k != "predictions"} for s in self.stages}
+        record["metrics"] = self.metrics()
+        return record
+
+
+def save_results(result: RunResult, output_dir: Path) -> None:
+    """Write results.json and predictions.csv into the run folder (rewritten after every stage)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{RESULTS_FILE}.tmp"
+    tmp.write_text(json.dumps(result.summary(), indent=2, default=str))
+    tmp.replace(output_dir / RESULTS_FILE)
+    fields = [f.name for f in dataclasses.fields(Prediction)]
+    with open(output_dir / PREDICTIONS_FILE, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for stage in result.stages:
+            writer.writerows(dataclasses.asdict(p) for p in stage.predictions)
+
+
+def _set_runtime(cfg: Config, device: torch.device) -> None:
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
+    random.seed(cfg.runtime.seed)
+    torch.manual_seed(cfg.runtime.seed)
+
+
+def warm_up(generator: Generator, prompts: list[str], micro_batch_size: int) -> float:
+    """One single and one batched call, so one-time costs (allocation, kernel choice) stay out of the stages."""
+    start = time.perf_counter()
+    generator.generate(prompts[0])
+    generator.batched_generate(prompts[:micro_batch_size], max_new_tokens=2)
+    return time.perf_counter() - start
+
+
+def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+    """Run everything the config asks for; results land in `output_dir` after each stage."""
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.precision.name, device)
+    _set_runtime(cfg, device)
+    items, warning = select(load_items(cfg.dataset.path), cfg.dataset.num_questions)
+    warnings = [warning] if warning else []
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.append("fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here")
+    for message in warnings:
+        log(f"warning: {message}")
+
+    log(f"loading model {cfg.model.name} ({DTYPE_NAMES[dtype]}, attention={cfg.attention.implementation}, {device})")
+    loaded: LoadedModel = load_model(cfg.model, device, dtype, cfg.attention.implementation, cfg.runtime.seed)
+    log(f"loaded in {loaded.load_time_s:.1f} s from {loaded.source}")
+    generator = Generator(loaded.model, loaded.tokenizer, cfg.generation)
+    prompts = [build_prompt(item.question, cfg.prompt, loaded.tokenizer) for item in items]
+
+    result = RunResult(
+        dtype=DTYPE_NAMES[dtype],
+        device=str(device),
+        attention=loaded.attention,
+        model_source=loaded.source,
+        load_time_s=loaded.load_time_s,
+        warmup_time_s=0.0,
+        num_questions=len(items),
+        environment=environment(device),
+        warnings=warnings,
+    )
+    grad_context = torch.inference_mode if cfg.runtime.inference_mode else contextlib.nullcontext
+    with grad_context():
+        if cfg.runtime.warmup:
+            result.warmup_time_s = warm_up(generator, prompts, cfg.stages.micro_batch_size)
+            log(f"warm-up took {result.warmup_time_s:.1f} s")
+        overhead_s = result.load_time_s + result.warmup_time_s
+        prefix = cfg.prompt.response_prefix
+        if cfg.stages.single:
+            stage = run_single(
+                generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s, prefix
+            )
+            result.stages.append(stage)
+            save_results(result, output_dir)
+            log(f"single stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}")
+        if cfg.stages.batched:
+            stage = run_batched(
+                generator,
+                items,
+                prompts,
+                cfg.dataset.tolerance,
+                cfg.stages.batched_budget_s,
+                cfg.stages.micro_batch_size,
+                overhead_s,
+                prefix,
+            )
+            result.stages.append(stage)
+            save_results(result, output_dir)
+            log(f"batched stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}")
+    return result

