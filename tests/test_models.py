@@ -84,3 +84,14 @@ def test_real_embedded_model_answers_questions():
     result = score([parse_answer(g.text) for g in outputs], [i.answer for i in items])
     assert result.answer_rate >= 0.5
     assert all(g.text.endswith("</answer>") for g in outputs if "</answer>" in g.text)  # stopped at the tag
+
+
+def test_hub_model_offline_fails_fast_naming_the_embedded_default(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(name="smollm2-360m", source="hub", repo_id="HuggingFaceTB/SmolLM2-360M-Instruct")
+    start = time.perf_counter()
+    with pytest.raises(PipelineError, match="model=smollm2-135m"):
+        load_model(cfg, CPU, torch.float32, "sdpa")
+    assert time.perf_counter() - start < 30

@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -189,19 +190,19 @@ def _tiny_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype, attention: str,
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
 
 
-def _model_from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str):
+def _model_from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code
+        location, dtype=dtype, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code, **kwargs
     )
 
 
-def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str):
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str, **kwargs):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
-    return _model_from_pretrained(location, cfg, dtype, attention), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    return _model_from_pretrained(location, cfg, dtype, attention, **kwargs), tokenizer
 
 
 def load_model(
@@ -247,14 +248,30 @@ def _existing_path(path: str | None) -> Path:
     return file
 
 
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """True when a TCP connection to the hub opens within `timeout_s` (checked before slow retrying downloads)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype, attention: str):
+    try:  # a filled local cache works offline
+        return _from_pretrained(cfg.repo_id, cfg, dtype, attention, local_files_only=True)
+    except OSError:
+        pass
+    fix = "use the embedded default model=smollm2-135m, or model=local model.path=/path/to/model"
+    if not hub_reachable():
+        raise PipelineError(f"{cfg.repo_id} is not in the local Hugging Face cache and the hub is unreachable; {fix}")
     try:
         return _from_pretrained(cfg.repo_id, cfg, dtype, attention)
     except OSError as err:
         raise PipelineError(
-            f"cannot load {cfg.repo_id} from the Hugging Face hub or its local cache "
-            f"({str(err).splitlines()[0][:120]}); "
-            "offline, use the embedded default model=smollm2-135m or model=local model.path=..."
+            f"cannot load {cfg.repo_id} from the Hugging Face hub ({str(err).splitlines()[0][:120]}); {fix}"
         ) from None
 
 
