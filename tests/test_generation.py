@@ -75,3 +75,25 @@ def test_stop_string_is_applied_by_generate(tiny_fp32):
         ).generate(prompt)
     assert stopped.num_tokens <= 4 < free.num_tokens
     assert free.text.startswith(stopped.text)
+
+
+def test_shared_prefix_cache_changes_nothing_but_speed(tiny_fp32):
+    """Greedy outputs with the prefix KV cache equal those without, single and batched."""
+    cfg = PromptConfig(style="cot", system="Convert units carefully. " * 6, examples=COT.examples)
+    prompts = [build_prompt(item.question, cfg, tiny_fp32.tokenizer) for item in load_items()[:5]]
+    plain = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=8, prefix_cache=False))
+    cached = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=8))
+    with torch.inference_mode():
+        assert plain.set_shared_prefix(prompts) == 0.0 and not plain.prefix_ids
+        assert cached.set_shared_prefix(prompts) > 0
+        assert len(cached.prefix_ids) >= 30
+        expected = plain.batched_generate(prompts)
+        assert [g.text for g in cached.batched_generate(prompts)] == [g.text for g in expected]
+        assert [cached.generate(p).text for p in prompts] == [g.text for g in expected]
+        # a prompt without the prefix still works, without the cache
+        assert cached.generate("How many g in 1 kg?").num_tokens > 0
+
+
+def test_no_prefix_cache_for_prompts_that_share_little(tiny_fp32):
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=4))
+    assert generator.set_shared_prefix(["How many g in 1 kg?", "Convert 3 h to min."]) == 0.0

@@ -14,7 +14,10 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
-PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+BACKENDS = ("transformers", "llamacpp")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROMPT_STYLES = ("raw", "instruct", "cot")
@@ -87,6 +90,10 @@ class GenerationConfig:
     use_cache: bool = True
     # stop a sequence as soon as it has produced this text (besides EOS); null or "" disables
     stop_string: str | None = "</answer>"
+    # KV cache layout: dynamic (grows per step) or static (preallocated; runtime.compile implies it)
+    cache_implementation: str = "dynamic"
+    # compute the KV cache of the prefix all prompts share (system prompt, examples) once and reuse it
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("generation.max_new_tokens", self.max_new_tokens)
@@ -96,6 +103,7 @@ class GenerationConfig:
             raise PipelineError(f"generation.top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise PipelineError(f"generation.top_k={self.top_k} must be >= 0 (0 disables it)")
+        _check_choice("generation.cache_implementation", self.cache_implementation, CACHE_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -107,9 +115,12 @@ class RuntimeConfig:
     cudnn_benchmark: bool = True
     warmup: bool = True
     seed: int = 0
+    # torch.compile of the decode step (off, default, reduce-overhead, max-autotune); implies a static cache
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         _check_choice("runtime.device", self.device, DEVICES)
+        _check_choice("runtime.compile", self.compile, COMPILE_MODES)
         _check_positive("runtime.num_threads", self.num_threads, allow_none=True)
 
 
@@ -150,6 +161,8 @@ class StagesConfig:
     single: bool = True
     batched: bool = True
     micro_batch_size: int = 32
+    # group prompts of similar length into the same micro-batch (less padding); results keep the data set's order
+    sort_by_length: bool = False
     # the original grader's limits
     single_budget_s: float = 40.0
     batched_budget_s: float = 15.0
@@ -172,7 +185,17 @@ class TrackingConfig:
 
 
 @dataclass
+class BackendConfig:
+    # transformers (the optimized PyTorch path) or llamacpp (llama-cpp-python on the GGUF file, the reference)
+    name: str = "transformers"
+
+    def __post_init__(self) -> None:
+        _check_choice("backend", self.name, BACKENDS)
+
+
+@dataclass
 class Config:
+    backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)

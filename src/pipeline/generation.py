@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from pipeline.config import GenerationConfig
+
+# below this many shared tokens, copying a cache costs more than recomputing it
+MIN_PREFIX_TOKENS = 16
 
 
 @dataclass
@@ -16,6 +20,7 @@ class Generation:
     text: str
     num_tokens: int  # generated tokens, up to and including the stop token, no padding
     latency_s: float  # wall time of the call that produced it
+    first_token_s: float = float("nan")  # time to the first generated token (prefill) within that call
 
 
 class StopAtText(StoppingCriteria):
@@ -30,10 +35,13 @@ class StopAtText(StoppingCriteria):
         self.eos = torch.tensor(eos_ids, dtype=torch.long)
         self.candidates = _tokens_containing(tokenizer, stop[-1]) if stop else None
         self.finished_at: dict[int, int] = {}  # row -> generated length when it finished
+        self.first_token_at: float | None = None  # perf_counter() when the first token was out
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         length = input_ids.shape[1] - self.prompt_len
-        last = input_ids[:, -1].cpu()
+        last = input_ids[:, -1].cpu()  # waits for the step to finish, so the clock below is honest
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         done = torch.isin(last, self.eos)
         if self.candidates is not None:
             for row in torch.nonzero(self.candidates[last.clamp(max=len(self.candidates) - 1)]).flatten().tolist():
@@ -70,9 +78,16 @@ def _sync(device: torch.device) -> None:
 class Generator:
     """Wraps a model and tokenizer with the course API: `generate(prompt)` and `batched_generate(prompts)`."""
 
-    def __init__(self, model, tokenizer, cfg: GenerationConfig):
+    def __init__(self, model, tokenizer, cfg: GenerationConfig, compile_mode: str = "off"):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.compile_config = None
+        if compile_mode != "off":
+            # transformers compiles the decode step itself when the cache is static; on CPU it must be told to
+            self.compile_config = CompileConfig(mode=compile_mode, fullgraph=False)
+            self.compile_config._compile_all_devices = True
         self.device = next(model.parameters()).device
+        self.prefix_ids: list[int] = []
+        self.prefix_cache: DynamicCache | None = None
         eos = model.generation_config.eos_token_id
         self.eos_ids = sorted(
             {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tokenizer.eos_token_id}
@@ -88,15 +103,73 @@ class Generator:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
         )
+        if self.compile_config is not None:
+            kwargs.update(cache_implementation="static", compile_config=self.compile_config)
+        elif cfg.cache_implementation == "static":
+            kwargs.update(cache_implementation="static")
         if cfg.do_sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         else:  # keep the model's sampling defaults from reaching greedy decoding
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def set_shared_prefix(self, prompts: list[str]) -> float:
+        """Compute once the KV cache of the token prefix all `prompts` share (system prompt, few-shot examples).
+
+        Later calls start from a copy of it instead of recomputing it for every prompt. Only with a
+        dynamic cache and greedy or sampled decoding; returns the seconds it took (0 when not used).
+        """
+        self.prefix_ids, self.prefix_cache = [], None
+        if not self.cfg.prefix_cache or self.compile_config is not None or self.cfg.cache_implementation != "dynamic":
+            return 0.0
+        if self.cfg.num_beams != 1 or not self.cfg.use_cache:
+            return 0.0
+        encoded = [self._encode(p) for p in prompts]
+        length = min(len(ids) for ids in encoded) - 1  # every prompt keeps at least one token of its own
+        for position in range(max(length, 0)):
+            if any(ids[position] != encoded[0][position] for ids in encoded):
+                length = position
+                break
+        if length < MIN_PREFIX_TOKENS:
+            return 0.0
+        start = time.perf_counter()
+        self.prefix_ids = encoded[0][:length]
+        self.prefix_cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([self.prefix_ids], device=self.device), past_key_values=self.prefix_cache)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def _encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _inputs(self, prompts: list[str]) -> dict:
+        """Left-padded input ids and mask; with a shared prefix, the padding sits between prefix and suffix."""
+        encoded = [self._encode(p) for p in prompts]
+        prefix = self.prefix_ids
+        use_prefix = bool(prefix) and all(ids[: len(prefix)] == prefix for ids in encoded)
+        if use_prefix:
+            encoded = [ids[len(prefix) :] for ids in encoded]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        inputs = {}
+        if use_prefix:
+            rows = len(prompts)
+            input_ids = torch.cat([torch.tensor([prefix]).expand(rows, -1), input_ids], dim=1)
+            mask = torch.cat([torch.ones(rows, len(prefix), dtype=mask.dtype), mask], dim=1)
+            cache = copy.deepcopy(self.prefix_cache)
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+            inputs["past_key_values"] = cache
+        inputs.update(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
+        return inputs
+
     def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
         """Generate for all `prompts` in one left-padded batch with its attention mask."""
-        inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        _sync(self.device)
+        start = time.perf_counter()
+        inputs = self._inputs(prompts)
         prompt_len = inputs["input_ids"].shape[1]
         stop = StopAtText(self.tokenizer, self.cfg.stop_string or None, self.eos_ids, prompt_len)
         kwargs = self._generate_kwargs(max_new_tokens)
@@ -104,17 +177,16 @@ class Generator:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
         elif self.cfg.stop_string:  # beam search reorders rows: let transformers track the stop text
             kwargs.update(stop_strings=[self.cfg.stop_string], tokenizer=self.tokenizer)
-        _sync(self.device)
-        start = time.perf_counter()
         output = self.model.generate(**inputs, **kwargs)
         _sync(self.device)
         latency_s = time.perf_counter() - start
+        first_token_s = stop.first_token_at - start if stop.first_token_at else float("nan")
         generated = output[:, prompt_len:].cpu()
         results = []
         for row, tokens in enumerate(generated):
             count = stop.finished_at.get(row) or _length_to_eos(tokens, self.eos_ids)
             text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            results.append(Generation(text, count, latency_s))
+            results.append(Generation(text, count, latency_s, first_token_s))
         return results
 
     def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:

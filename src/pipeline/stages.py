@@ -43,6 +43,9 @@ class StageResult:
     latency_p50_s: float
     latency_p90_s: float
     latency_max_s: float
+    # prefill: mean time to the first token of a call; decode: tokens after the first per second of the rest
+    first_token_mean_s: float = float("nan")
+    decode_tokens_per_s: float = float("nan")
     micro_batch_size: int = 1
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
@@ -83,6 +86,16 @@ def _finish(
     ]
     latencies = np.array([g.latency_s for g in generations]) if generations else np.array([math.nan])
     tokens = sum(g.num_tokens for g in generations)
+    # one entry per generate call: rows of a micro-batch share their call's clock
+    calls = (
+        list({(g.latency_s, g.first_token_s): g for g in generations}.values()) if name == "batched" else generations
+    )
+    first_token_mean_s = float(np.mean([c.first_token_s for c in calls])) if calls else math.nan
+    decode_time_s = sum(c.latency_s - c.first_token_s for c in calls)
+    if name == "batched":
+        decode_tokens = sum(max(g.num_tokens - 1, 0) for g in generations)
+    else:
+        decode_tokens = sum(max(c.num_tokens - 1, 0) for c in calls)
     return StageResult(
         name=name,
         wall_time_s=wall_time_s,
@@ -97,6 +110,8 @@ def _finish(
         latency_p50_s=float(np.percentile(latencies, 50)),
         latency_p90_s=float(np.percentile(latencies, 90)),
         latency_max_s=float(latencies.max()),
+        first_token_mean_s=first_token_mean_s,
+        decode_tokens_per_s=decode_tokens / decode_time_s if decode_time_s > 0 else math.nan,
         micro_batch_size=micro_batch_size,
         predictions=predictions,
     )
@@ -129,12 +144,23 @@ def run_batched(
     micro_batch_size: int,
     overhead_s: float = 0.0,
     output_prefix: str = "",
+    sort_by_length: bool = False,
 ) -> StageResult:
-    """`batched_generate` over consecutive micro-batches of the prompts; latency is per micro-batch."""
-    generations: list[Generation] = []
+    """`batched_generate` over micro-batches of the prompts; latency is per micro-batch.
+
+    With `sort_by_length`, prompts of similar token length share a micro-batch (less padding to
+    compute); generations are put back in data-set order either way.
+    """
     start = time.perf_counter()
+    order = list(range(len(prompts)))
+    if sort_by_length:
+        lengths = [len(ids) for ids in generator.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order.sort(key=lambda i: lengths[i])
+    generations: list[Generation | None] = [None] * len(prompts)
     for begin in tqdm(range(0, len(prompts), micro_batch_size), desc="batched", unit="batch", leave=False):
-        generations.extend(generator.batched_generate(prompts[begin : begin + micro_batch_size]))
+        chunk = order[begin : begin + micro_batch_size]
+        for index, generation in zip(chunk, generator.batched_generate([prompts[i] for i in chunk])):
+            generations[index] = generation
     wall_time_s = time.perf_counter() - start
     return _finish(
         "batched", items, generations, wall_time_s, tolerance, budget_s, overhead_s, micro_batch_size, output_prefix
