@@ -41,7 +41,7 @@ class LlamaCppGenerator:
             model_path=str(gguf), n_ctx=context_tokens, n_threads=threads, n_threads_batch=threads, verbose=False
         )
         self.eos = self.llm.token_eos()
-        self.prefix_ids: list[int] = []  # llama.cpp reuses the KV cache of a matching prefix by itself
+        self.prefix_ids: list[int] = []  # llama.cpp reuses the KV cache of a matching prefix (reset=True)
 
     def set_shared_prefix(self, prompts: list[str]) -> float:
         """llama.cpp keeps the previous prompt's KV cache and reuses its matching prefix; nothing to do."""
@@ -55,7 +55,7 @@ class LlamaCppGenerator:
         tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
         generated: list[int] = []
         first_token_s = float("nan")
-        for token in self.llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=False):
+        for token in self.llm.generate(tokens, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if not generated:
                 first_token_s = time.perf_counter() - start
             generated.append(token)

@@ -40,6 +40,7 @@ class RunResult:
     num_questions: int
     environment: dict[str, str]
     prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
+    peak_gpu_memory_mb: float = float("nan")  # CUDA only: the most memory torch held during the stages
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -51,6 +52,8 @@ class RunResult:
             "prefix_time_s": self.prefix_time_s,
             "weight_bytes": float(self.weight_bytes),
         }
+        if self.peak_gpu_memory_mb == self.peak_gpu_memory_mb:  # not NaN: a CUDA run
+            metrics["peak_gpu_memory_mb"] = self.peak_gpu_memory_mb
         for stage in self.stages:
             metrics.update(stage.metrics())
         return metrics
@@ -170,6 +173,8 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             log(f"warm-up took {result.warmup_time_s:.1f} s")
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         prefix = cfg.prompt.response_prefix
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if cfg.stages.single:
             stage = run_single(
                 generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s, prefix
@@ -191,4 +196,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             result.stages.append(stage)
             save_results(result, output_dir)
             log(f"batched stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}")
+        if device.type == "cuda":
+            result.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+            save_results(result, output_dir)
     return result

@@ -1,0 +1,112 @@
+"""Performance knobs on the tiny model: each reaches the model and the stages stay correct."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pipeline.config import GenerationConfig, ModelConfig, PromptConfig
+from pipeline.data import load_items
+from pipeline.generation import Generator
+from pipeline.models import load_model, resolve_dtype
+from pipeline.prompts import build_prompt
+from pipeline.quantize import WeightOnlyInt8Linear, quantize_int8, weight_bytes
+from pipeline.stages import run_batched
+
+CPU = torch.device("cpu")
+RAW = PromptConfig(style="raw")
+
+
+def _tiny(dtype=torch.float32, int8=False):
+    return load_model(ModelConfig(name="tiny", source="tiny"), CPU, dtype, "sdpa", int8=int8)
+
+
+def _prompts(tokenizer, n=6):
+    items = load_items()[:n]
+    return items, [build_prompt(item.question, RAW, tokenizer) for item in items]
+
+
+def test_int8_replaces_every_linear_and_quarters_the_weight_bytes():
+    fp32 = _tiny()
+    before = weight_bytes(fp32.model)
+    replaced = quantize_int8(fp32.model, torch.float32)
+    assert replaced == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the lm_head
+    assert not any(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    assert weight_bytes(fp32.model) < 0.3 * before + 0.01 * before
+
+
+def test_int8_linear_is_close_to_the_float_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    quantized = WeightOnlyInt8Linear(linear, torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    expected, got = linear(x).float(), quantized(x).float()
+    assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
+
+
+def test_int8_precision_runs_the_stages_on_the_tiny_model():
+    loaded = _tiny(resolve_dtype("int8", CPU), int8=True)
+    assert any(isinstance(m, WeightOnlyInt8Linear) for m in loaded.model.modules())
+    generator = Generator(loaded.model, loaded.tokenizer, GenerationConfig(max_new_tokens=4))
+    items, prompts = _prompts(loaded.tokenizer)
+    with torch.inference_mode():
+        stage = run_batched(generator, items, prompts, 0.05, 15.0, 4)
+    assert stage.num_questions == 6 and 0 < stage.generated_tokens <= 24
+
+
+def test_static_cache_gives_the_same_greedy_tokens(tiny_fp32):
+    _, prompts = _prompts(tiny_fp32.tokenizer, 4)
+    dynamic = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=6, stop_string=None))
+    static = Generator(
+        tiny_fp32.model,
+        tiny_fp32.tokenizer,
+        GenerationConfig(max_new_tokens=6, stop_string=None, cache_implementation="static"),
+    )
+    assert "cache_implementation" not in dynamic._generate_kwargs(None)
+    assert static._generate_kwargs(None)["cache_implementation"] == "static"
+    with torch.inference_mode():
+        assert [g.text for g in static.batched_generate(prompts)] == [g.text for g in dynamic.batched_generate(prompts)]
+
+
+def test_length_sorted_micro_batches_keep_the_data_set_order(tiny_fp32):
+    items, prompts = _prompts(tiny_fp32.tokenizer, 7)
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=5, stop_string=None))
+    with torch.inference_mode():
+        plain = run_batched(generator, items, prompts, 0.05, 15.0, 7)
+        # micro-batches of 2: sorting changes which prompts share a batch, not the answers or their order
+        one_by_one = [generator.generate(p).text for p in prompts]
+        sorted_stage = run_batched(generator, items, prompts, 0.05, 15.0, 2, sort_by_length=True)
+    assert [p.question for p in sorted_stage.predictions] == [item.question for item in items]
+    assert [p.output for p in sorted_stage.predictions] == one_by_one == [p.output for p in plain.predictions]
+
+
+@pytest.mark.slow
+def test_compile_reaches_generate_and_keeps_greedy_tokens(tiny_fp32):
+    """runtime.compile makes transformers compile the decode step (static cache) on CPU too."""
+    _, prompts = _prompts(tiny_fp32.tokenizer, 2)
+    cfg = GenerationConfig(max_new_tokens=4, stop_string=None)
+    eager = Generator(tiny_fp32.model, tiny_fp32.tokenizer, cfg)
+    compiled = Generator(tiny_fp32.model, tiny_fp32.tokenizer, cfg, compile_mode="default")
+    kwargs = compiled._generate_kwargs(None)
+    assert kwargs["cache_implementation"] == "static" and kwargs["compile_config"]._compile_all_devices
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        expected = [eager.generate(p).text for p in prompts]
+        assert [compiled.generate(p).text for p in prompts] == expected
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="optional extra llama-cpp-python absent")
+def test_llamacpp_backend_answers_like_the_other_backend():
+    from pipeline.llamacpp import LlamaCppGenerator
+    from pipeline.models import embedded_gguf
+
+    generator = LlamaCppGenerator(embedded_gguf(), GenerationConfig(max_new_tokens=12), num_threads=2)
+    cot = (
+        "<|im_start|>user\nHow many grams are in 6 kg? Answer as <answer>N</answer>.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    result = generator.generate(cot)
+    assert 0 < result.num_tokens <= 12 and result.first_token_s < result.latency_s
+    assert len(generator.batched_generate([cot, cot])) == 2
