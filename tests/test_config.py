@@ -52,7 +52,10 @@ def test_defaults_are_the_embedded_model_optimized(compose_cfg):
     assert config.model.source == "embedded"
     assert config.precision.name == "auto"
     assert config.generation.do_sample is False and config.generation.num_beams == 1
-    assert config.generation.use_cache and config.generation.stop_string == "</answer>"
+    assert config.generation.use_cache and config.prompt.style == "tool"
+    assert config.generation.stop_string == "\n" and config.generation.max_new_tokens == 20  # the tool's one line
+    cot = OmegaConf.to_object(compose_cfg(["prompt=cot"]))
+    assert cot.generation.stop_string == "</answer>" and cot.generation.max_new_tokens == 48
     assert config.runtime.inference_mode and config.runtime.warmup
     assert config.dataset.num_questions == 32 and config.stages.micro_batch_size == 32
 

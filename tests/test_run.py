@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -90,7 +91,24 @@ def test_default_config_runs_the_embedded_model(tmp_path):
     result = run_app(["dataset.num_questions=3"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     run = _runs(tmp_path / "mlflow.db").iloc[0]
-    assert run["params.model.name"] == "smollm2-135m" and run["params.prompt.style"] == "cot"
+    assert run["params.model.name"] == "smollm2-135m" and run["params.prompt.style"] == "tool"
     assert run["tags.dtype"] in ("bf16", "fp32")
     assert run["metrics.single/generated_tokens"] > 0 and run["metrics.batched/generated_tokens"] > 0
-    assert run["metrics.batched/answer_rate"] > 0
+    assert run["metrics.batched/answer_rate"] > 0 and run["metrics.batched/accuracy"] > 0
+    family_metrics = [c for c in runs_columns(run) if c.startswith("metrics.batched/accuracy/")]
+    assert family_metrics  # accuracy by unit family
+
+
+def runs_columns(run) -> list[str]:
+    return [c for c in run.index if isinstance(run[c], float) and not math.isnan(run[c])]
+
+
+def test_tool_prompt_on_the_tiny_model_records_forms(tmp_path):
+    result = run_app(["model=tiny", "prompt=tool", "dataset.num_questions=3", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    with open(run_dir / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and "form" in rows[0]
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert "accuracy_by_family" in saved["stages"]["single"]

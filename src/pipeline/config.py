@@ -20,7 +20,7 @@ BACKENDS = ("transformers", "llamacpp")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PROMPT_STYLES = ("raw", "instruct", "cot")
+PROMPT_STYLES = ("raw", "instruct", "cot", "tool")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

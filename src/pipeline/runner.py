@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, PromptConfig
 from pipeline.data import load_items, select
 from pipeline.environment import environment
 from pipeline.errors import PipelineError
@@ -22,7 +22,7 @@ from pipeline.generation import Generator
 from pipeline.models import DTYPE_NAMES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_format
 from pipeline.prompts import build_prompt
 from pipeline.quantize import weight_bytes
-from pipeline.stages import Prediction, StageResult, run_batched, run_single
+from pipeline.stages import Postprocess, Prediction, StageResult, keep_output, run_batched, run_single, with_prefix
 
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
 
@@ -78,6 +78,15 @@ def save_results(result: RunResult, output_dir: Path) -> None:
         writer.writeheader()
         for stage in result.stages:
             writer.writerows(dataclasses.asdict(p) for p in stage.predictions)
+
+
+def make_postprocess(prompt: PromptConfig) -> Postprocess:
+    """What turns a model output into the text that is scored, for the prompt strategy."""
+    if prompt.style == "tool":
+        from pipeline.tool import solve
+
+        return lambda text, question: solve(prompt.response_prefix + text, question)
+    return with_prefix(prompt.response_prefix) if prompt.response_prefix else keep_output
 
 
 def _set_runtime(cfg: Config, device: torch.device) -> None:
@@ -172,12 +181,12 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             result.warmup_time_s = warm_up(generator, prompts, cfg.stages.micro_batch_size, full)
             log(f"warm-up took {result.warmup_time_s:.1f} s")
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
-        prefix = cfg.prompt.response_prefix
+        postprocess = make_postprocess(cfg.prompt)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if cfg.stages.single:
             stage = run_single(
-                generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s, prefix
+                generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s, postprocess
             )
             result.stages.append(stage)
             save_results(result, output_dir)
@@ -191,7 +200,8 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                 cfg.stages.batched_budget_s,
                 cfg.stages.micro_batch_size,
                 overhead_s,
-                prefix,
+                postprocess=postprocess,
+                sort_by_length=cfg.stages.sort_by_length,
             )
             result.stages.append(stage)
             save_results(result, output_dir)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +15,19 @@ from pipeline.data import Item
 from pipeline.generation import Generation, Generator
 from pipeline.scoring import is_correct, parse_answer, score
 
+# (model output, question) -> (text to score, parsed tool form or ""); runs inside the timed region
+Postprocess = Callable[[str, str], tuple[str, str]]
+
+
+def keep_output(text: str, question: str) -> tuple[str, str]:
+    """The default post-processing: score the output as it is."""
+    return text, ""
+
+
+def with_prefix(prefix: str) -> Postprocess:
+    """Put back the reply's start that the prompt already held (e.g. '<answer>')."""
+    return lambda text, question: (prefix + text, "")
+
 
 @dataclass
 class Prediction:
@@ -20,11 +35,12 @@ class Prediction:
     index: int
     question: str
     expected: float
-    output: str
+    output: str  # the model's output (with any prompt-held prefix and appended tool answer)
     parsed: float
     correct: bool
     latency_s: float
     num_tokens: int
+    form: str = ""  # the tool strategy's parsed `QUANTITY SOURCE -> TARGET`, else empty
 
 
 @dataclass
@@ -47,55 +63,52 @@ class StageResult:
     first_token_mean_s: float = float("nan")
     decode_tokens_per_s: float = float("nan")
     micro_batch_size: int = 1
+    # accuracy per item family (e.g. mass, time) where the data set names families
+    accuracy_by_family: dict[str, float] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
-        """Numeric results keyed `<stage>/<name>` (booleans as 0/1)."""
-        skip = {"name", "predictions"}
-        return {f"{self.name}/{k}": float(v) for k, v in vars(self).items() if k not in skip}
+        """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`."""
+        skip = {"name", "predictions", "accuracy_by_family"}
+        metrics = {f"{self.name}/{k}": float(v) for k, v in vars(self).items() if k not in skip}
+        metrics.update({f"{self.name}/accuracy/{family}": v for family, v in self.accuracy_by_family.items()})
+        return metrics
+
+
+def _by_family(items: list[Item], correct: list[bool]) -> dict[str, float]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for item, ok in zip(items, correct):
+        if "family" in item.meta:
+            groups[str(item.meta["family"])].append(ok)
+    return {family: sum(oks) / len(oks) for family, oks in sorted(groups.items())}
 
 
 def _finish(
     name: str,
     items: list[Item],
     generations: list[Generation],
+    processed: list[tuple[str, str]],
     wall_time_s: float,
     tolerance: float,
     budget_s: float,
     overhead_s: float,
     micro_batch_size: int,
-    output_prefix: str,
 ) -> StageResult:
-    outputs = [output_prefix + g.text for g in generations]
-    parsed = [parse_answer(text) for text in outputs]
-    expected = [item.answer for item in items]
-    result = score(parsed, expected, tolerance)
+    parsed = [parse_answer(text) for text, _ in processed]
+    correct = [is_correct(p, item.answer, tolerance) for p, item in zip(parsed, items)]
+    result = score(parsed, [item.answer for item in items], tolerance)
     predictions = [
-        Prediction(
-            name,
-            i,
-            item.question,
-            item.answer,
-            text,
-            p,
-            is_correct(p, item.answer, tolerance),
-            g.latency_s,
-            g.num_tokens,
-        )
-        for i, (item, g, text, p) in enumerate(zip(items, generations, outputs, parsed))
+        Prediction(name, i, item.question, item.answer, text, p, ok, g.latency_s, g.num_tokens, form)
+        for i, (item, g, (text, form), p, ok) in enumerate(zip(items, generations, processed, parsed, correct))
     ]
     latencies = np.array([g.latency_s for g in generations]) if generations else np.array([math.nan])
     tokens = sum(g.num_tokens for g in generations)
-    # one entry per generate call: rows of a micro-batch share their call's clock
+    # one clock per generate call: the rows of a micro-batch share theirs
     calls = (
         list({(g.latency_s, g.first_token_s): g for g in generations}.values()) if name == "batched" else generations
     )
-    first_token_mean_s = float(np.mean([c.first_token_s for c in calls])) if calls else math.nan
     decode_time_s = sum(c.latency_s - c.first_token_s for c in calls)
-    if name == "batched":
-        decode_tokens = sum(max(g.num_tokens - 1, 0) for g in generations)
-    else:
-        decode_tokens = sum(max(c.num_tokens - 1, 0) for c in calls)
+    decode_tokens = sum(max(g.num_tokens - 1, 0) for g in generations)
     return StageResult(
         name=name,
         wall_time_s=wall_time_s,
@@ -110,9 +123,10 @@ def _finish(
         latency_p50_s=float(np.percentile(latencies, 50)),
         latency_p90_s=float(np.percentile(latencies, 90)),
         latency_max_s=float(latencies.max()),
-        first_token_mean_s=first_token_mean_s,
+        first_token_mean_s=float(np.mean([c.first_token_s for c in calls])) if calls else math.nan,
         decode_tokens_per_s=decode_tokens / decode_time_s if decode_time_s > 0 else math.nan,
         micro_batch_size=micro_batch_size,
+        accuracy_by_family=_by_family(items, correct),
         predictions=predictions,
     )
 
@@ -124,15 +138,17 @@ def run_single(
     tolerance: float,
     budget_s: float,
     overhead_s: float = 0.0,
-    output_prefix: str = "",
+    postprocess: Postprocess = keep_output,
 ) -> StageResult:
     """One `generate(prompt)` call per question, in a loop, timed as a whole and per call."""
-    generations = []
+    generations, processed = [], []
     start = time.perf_counter()
-    for prompt in tqdm(prompts, desc="single", unit="q", leave=False):
-        generations.append(generator.generate(prompt))
+    for item, prompt in zip(items, tqdm(prompts, desc="single", unit="q", leave=False)):
+        generation = generator.generate(prompt)
+        generations.append(generation)
+        processed.append(postprocess(generation.text, item.question))
     wall_time_s = time.perf_counter() - start
-    return _finish("single", items, generations, wall_time_s, tolerance, budget_s, overhead_s, 1, output_prefix)
+    return _finish("single", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, 1)
 
 
 def run_batched(
@@ -143,7 +159,7 @@ def run_batched(
     budget_s: float,
     micro_batch_size: int,
     overhead_s: float = 0.0,
-    output_prefix: str = "",
+    postprocess: Postprocess = keep_output,
     sort_by_length: bool = False,
 ) -> StageResult:
     """`batched_generate` over micro-batches of the prompts; latency is per micro-batch.
@@ -161,7 +177,8 @@ def run_batched(
         chunk = order[begin : begin + micro_batch_size]
         for index, generation in zip(chunk, generator.batched_generate([prompts[i] for i in chunk])):
             generations[index] = generation
+    processed = [postprocess(g.text, item.question) for g, item in zip(generations, items)]
     wall_time_s = time.perf_counter() - start
     return _finish(
-        "batched", items, generations, wall_time_s, tolerance, budget_s, overhead_s, micro_batch_size, output_prefix
+        "batched", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, micro_batch_size
     )
