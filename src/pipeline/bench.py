@@ -38,11 +38,13 @@ SPEED_ROWS: dict[str, list[str]] = {
     "best": ["experiment=seed_after", "precision=int8", "stages.sort_by_length=true"],
     "llamacpp": ["experiment=seed_after", "backend=llamacpp"],
 }
+# The default (tool) prompt on the first 256 questions, fp32 against the faster precisions.
 ACCURACY_ROWS: dict[str, list[str]] = {
-    "fp32 (cot)": ["precision=fp32"],
-    "bf16 (cot)": ["precision=bf16"],
-    "int8 (cot)": ["precision=int8"],
+    "fp32": ["precision=fp32"],
+    "bf16": ["precision=bf16"],
+    "int8": ["precision=int8"],
 }
+PROMPT_ROWS = ("raw", "instruct", "cot", "tool")
 BASELINE, REFERENCE = "seed_before", "llamacpp"
 TARGET_BATCHED_TOKENS_PER_S = 1000.0
 TARGET_SINGLE_VS_LLAMACPP = 1.5
@@ -241,17 +243,23 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["token_match"] = token_match_rate(tokenizer, samples[row["name"]][0].outputs, reference)
 
-    accuracy_rows = []
+    accuracy_rows, prompt_rows = [], []
     if not args.skip_accuracy:
         for name, overrides in ACCURACY_ROWS.items():
             print(f"accuracy: {name} on {args.accuracy_questions} questions", flush=True)
-            folder = args.work / stamp / "accuracy" / name.split()[0]
+            folder = args.work / stamp / "accuracy" / name
             sample = run_config(name, overrides, args.accuracy_questions, folder, ["stages.single=false"])
             accuracy_rows.append((name, sample))
+        for prompt in PROMPT_ROWS:
+            print(f"prompt: {prompt}", flush=True)
+            timed = run_config(prompt, [f"prompt={prompt}"], args.questions, args.work / stamp / "prompt" / prompt)
+            folder = args.work / stamp / "prompt" / f"{prompt}-accuracy"
+            scored = run_config(prompt, [f"prompt={prompt}"], args.accuracy_questions, folder, ["stages.single=false"])
+            prompt_rows.append((prompt, timed, scored))
 
     profile_overrides = SPEED_ROWS["best"] if "best" in names else SPEED_ROWS[names[0]]
     profile = decode_profile(profile_overrides)
-    report = render(rows, accuracy_rows, tokenizer, bandwidth_gb_s, threads, profile, args)
+    report = render(rows, accuracy_rows, prompt_rows, tokenizer, bandwidth_gb_s, threads, profile, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
@@ -291,7 +299,7 @@ def _targets(rows: list[dict], accuracy: list[tuple[str, float]]) -> list[list[s
         ]
     )
     if accuracy:
-        base = dict(accuracy).get("fp32 (cot)")
+        base = dict(accuracy).get("fp32")
         worst = min((acc - base, name) for name, acc in accuracy)
         drop = -worst[0]
         met = "met" if drop <= TARGET_ACCURACY_DROP else f"MISSED by {100 * (drop - TARGET_ACCURACY_DROP):.1f} points"
@@ -305,11 +313,37 @@ def _verdict(got: float, target: float) -> str:
     return "met" if got >= target else f"MISSED by {100 * (1 - got / target):.0f}%"
 
 
-def render(rows, accuracy_rows, tokenizer, bandwidth_gb_s, threads, profile, args) -> str:
+def prompt_table(prompt_rows, args) -> str:
+    """One row per prompt strategy: accuracy and answer rate on the accuracy set, stage times on the speed set."""
+    headers = [
+        f"prompt ({args.accuracy_questions} q accuracy, {args.questions} q times)", "accuracy", "answer rate",
+        "single s", "batched s", "tokens single", "worst family",
+    ]  # fmt: skip
+    body = []
+    for prompt, timed, scored in prompt_rows:
+        stage = scored.results["stages"]["batched"]
+        families = stage.get("accuracy_by_family") or {}
+        worst = min(families.items(), key=lambda kv: kv[1]) if families else ("-", math.nan)
+        body.append(
+            [
+                prompt, f"{stage['accuracy']:.3f}", f"{stage['answer_rate']:.3f}",
+                f"{_stage(timed, 'single', 'wall_time_s'):.2f}", f"{_stage(timed, 'batched', 'wall_time_s'):.2f}",
+                f"{_stage(timed, 'single', 'generated_tokens'):.0f}", f"{worst[0]} {worst[1]:.3f}",
+            ]
+        )  # fmt: skip
+    families = prompt_rows[-1][2].results["stages"]["batched"].get("accuracy_by_family") or {}
+    lines = [markdown_table(headers, body)]
+    if families:
+        lines += ["", f"Accuracy by unit family, prompt={prompt_rows[-1][0]}: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in families.items())]  # fmt: skip
+    return "\n".join(lines)
+
+
+def render(rows, accuracy_rows, prompt_rows, tokenizer, bandwidth_gb_s, threads, profile, args) -> str:
     import transformers
 
     accuracy = [(name, float(s.results["stages"]["batched"]["accuracy"])) for name, s in accuracy_rows]
-    fp32 = dict(accuracy_rows).get("fp32 (cot)")
+    fp32 = dict(accuracy_rows).get("fp32")
     acc_body = []
     for name, sample in accuracy_rows:
         stage = sample.results["stages"]["batched"]
@@ -354,9 +388,14 @@ def render(rows, accuracy_rows, tokenizer, bandwidth_gb_s, threads, profile, arg
     ]
     if acc_body:
         lines += [
-            f"## Accuracy: default cot prompt, first {args.accuracy_questions} questions, batched stage",
+            f"## Accuracy by precision: default (tool) prompt, first {args.accuracy_questions} questions, "
+            "batched stage",
             "",
             markdown_table(["precision", "accuracy", "answer rate", "token match vs fp32", "batched s"], acc_body),
+            "",
+            "## Prompt strategies (default settings otherwise)",
+            "",
+            prompt_table(prompt_rows, args),
             "",
         ]
     lines += [
