@@ -7,12 +7,14 @@ python run.py -m precision=fp32,bf16 attention=eager,sdpa
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a checkout without installing
@@ -37,8 +39,12 @@ def run_name() -> str:
     return ",".join(overrides) or "defaults"
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run one configured job; returns its metrics."""
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(cfg: DictConfig) -> int:
+    """Run one configured job; returns the exit status (0, or 3 when results could not be logged)."""
     from pipeline.runner import run_pipeline
     from pipeline.summary import format_summary
 
@@ -46,39 +52,99 @@ def run(cfg: DictConfig) -> dict[str, float]:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     launch_dir = Path(hydra.utils.get_original_cwd())
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM ends the run like Ctrl-C: results kept
 
-    result = run_pipeline(config, output_dir, log=log.info)
+    tracking = None
+    tracking_error: Exception | None = None
+    if config.tracking.enabled:
+        from pipeline import tracking
+
+        uri = config.tracking.uri or tracking.default_uri(launch_dir)
+        name = config.tracking.run_name or run_name()
+        try:
+            run_id = tracking.start_run(uri, config.tracking.experiment, name, config_dict, output_dir)
+        except Exception as err:  # the run goes on; its results stay in the folder for pipeline.sync
+            tracking_error, run_id = err, None
+            tracking.note_intended_tracking(output_dir, uri, config.tracking.experiment, name)
+            log.warning(f"MLflow is unavailable ({_first_line(err)}); running on, results go to {output_dir}")
+
+    def close_run(status: str | None = None) -> Exception | None:
+        if tracking is None or run_id is None:
+            return None
+        try:
+            tracking.finish_run(uri, run_id, output_dir, config_dict, status)
+        except Exception as err:
+            return err
+        return None
+
+    try:
+        result = run_pipeline(config, output_dir, log=log.info)
+    except KeyboardInterrupt:
+        close_run("KILLED")
+        print(f"interrupted: the stages done so far are saved in {output_dir}", file=sys.stderr)
+        if run_id:
+            print(f"MLflow run {run_id} is marked KILLED", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseException:
+        close_run("FAILED")
+        raise
     print(format_summary(result), flush=True)
     print(f"results saved in {output_dir}")
 
-    if config.tracking.enabled:
-        from pipeline.tracking import default_uri, log_run
+    if tracking is not None:
+        tracking_error = tracking_error or close_run()
+        if tracking_error is None:
+            print(f"logged to MLflow run {run_id} in experiment '{config.tracking.experiment}'")
+            print(f"browse runs: mlflow ui --backend-store-uri {uri}")
+        else:
+            print(
+                f"error: could not log to MLflow ({_first_line(tracking_error)}); "
+                f"the results are safe in {output_dir}\n"
+                f"log them once the store is back: python -m pipeline.sync {output_dir}",
+                file=sys.stderr,
+            )
+            return 3
+    return 0
 
-        uri = config.tracking.uri or default_uri(launch_dir)
-        run_id = log_run(
-            result,
-            OmegaConf.to_container(cfg, resolve=True),
-            output_dir,
-            uri,
-            config.tracking.experiment,
-            config.tracking.run_name or run_name(),
-            output_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None,
-        )
-        print(f"logged to MLflow run {run_id} in experiment '{config.tracking.experiment}'")
-        print(f"browse runs: mlflow ui --backend-store-uri {uri}")
-    return result.metrics()
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        status = run(cfg)
     except PipelineError as err:
         if cfg.get("debug"):
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if status and HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep goes on to its next job
+        sys.exit(status)
+
+
+def check_group_options(args: list[str], conf_dir: Path = Path(__file__).resolve().parent / "conf") -> str | None:
+    """A one-line error for `group=option` overrides naming an option that does not exist, else None.
+
+    Hydra's own message for this spans a dozen lines; this one names the valid options.
+    """
+    for arg in args:
+        group, sep, value = arg.lstrip("+~").partition("=")
+        folder = conf_dir / group
+        if not sep or "/" in group or not folder.is_dir() or value == "null":
+            continue
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        for option in value.split(","):  # multirun sweeps list several
+            if option and option not in options:
+                return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
+    return None
 
 
 if __name__ == "__main__":
+    problem = check_group_options(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

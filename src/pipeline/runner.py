@@ -22,7 +22,16 @@ from pipeline.generation import Generator
 from pipeline.models import DTYPE_NAMES, LoadedModel, load_model, resolve_device, resolve_dtype, weight_format
 from pipeline.prompts import build_prompt
 from pipeline.quantize import weight_bytes
-from pipeline.stages import Postprocess, Prediction, StageResult, keep_output, run_batched, run_single, with_prefix
+from pipeline.stages import (
+    Postprocess,
+    Prediction,
+    StageInterrupted,
+    StageResult,
+    keep_output,
+    run_batched,
+    run_single,
+    with_prefix,
+)
 
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
 
@@ -41,6 +50,7 @@ class RunResult:
     environment: dict[str, str]
     prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
     peak_gpu_memory_mb: float = float("nan")  # CUDA only: the most memory torch held during the stages
+    status: str = "running"  # running, finished, or killed (interrupted; the stages done so far are kept)
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -133,6 +143,14 @@ def _load_llamacpp(cfg: Config, log: Callable[[str], None]):
     return generator, loaded
 
 
+def _stage_done(result: RunResult, stage: StageResult, output_dir: Path, log: Callable[[str], None]) -> None:
+    """Keep a finished stage and write it to the run folder before anything else can fail."""
+    result.stages.append(stage)
+    save_results(result, output_dir)
+    retries = f", {stage.oom_retries} out-of-memory retries" if stage.oom_retries else ""
+    log(f"{stage.name} stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}{retries}")
+
+
 def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = print) -> RunResult:
     """Run everything the config asks for; results land in `output_dir` after each stage."""
     device = resolve_device(cfg.runtime.device)
@@ -184,29 +202,39 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
         postprocess = make_postprocess(cfg.prompt)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if cfg.stages.single:
-            stage = run_single(
-                generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s, postprocess
-            )
-            result.stages.append(stage)
+        try:
+            if cfg.stages.single:
+                stage = run_single(
+                    generator,
+                    items,
+                    prompts,
+                    cfg.dataset.tolerance,
+                    cfg.stages.single_budget_s,
+                    overhead_s,
+                    postprocess,
+                )
+                _stage_done(result, stage, output_dir, log)
+            if cfg.stages.batched:
+                stage = run_batched(
+                    generator,
+                    items,
+                    prompts,
+                    cfg.dataset.tolerance,
+                    cfg.stages.batched_budget_s,
+                    cfg.stages.micro_batch_size,
+                    overhead_s,
+                    postprocess=postprocess,
+                    sort_by_length=cfg.stages.sort_by_length,
+                )
+                _stage_done(result, stage, output_dir, log)
+        except StageInterrupted as interrupted:
+            result.stages.append(interrupted.partial)
+            result.status = "killed"
             save_results(result, output_dir)
-            log(f"single stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}")
-        if cfg.stages.batched:
-            stage = run_batched(
-                generator,
-                items,
-                prompts,
-                cfg.dataset.tolerance,
-                cfg.stages.batched_budget_s,
-                cfg.stages.micro_batch_size,
-                overhead_s,
-                postprocess=postprocess,
-                sort_by_length=cfg.stages.sort_by_length,
-            )
-            result.stages.append(stage)
-            save_results(result, output_dir)
-            log(f"batched stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}")
+            log(f"interrupted: {interrupted}; partial results saved in {output_dir}")
+            raise
         if device.type == "cuda":
             result.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
-            save_results(result, output_dir)
+        result.status = "finished"
+        save_results(result, output_dir)
     return result

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.data import Item
@@ -27,6 +28,18 @@ def keep_output(text: str, question: str) -> tuple[str, str]:
 def with_prefix(prefix: str) -> Postprocess:
     """Put back the reply's start that the prompt already held (e.g. '<answer>')."""
     return lambda text, question: (prefix + text, "")
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM inside a stage; carries the stage's partial result (the questions done so far)."""
+
+    def __init__(self, partial: StageResult):
+        super().__init__(f"{partial.name} stage interrupted after {len(partial.predictions)} questions")
+        self.partial = partial
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 @dataclass
@@ -63,6 +76,10 @@ class StageResult:
     first_token_mean_s: float = float("nan")
     decode_tokens_per_s: float = float("nan")
     micro_batch_size: int = 1
+    # times the batched stage ran out of memory and halved its micro-batch
+    oom_retries: int = 0
+    # false when the stage was interrupted: then it holds the questions done so far
+    complete: bool = True
     # accuracy per item family (e.g. mass, time) where the data set names families
     accuracy_by_family: dict[str, float] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list, repr=False)
@@ -143,10 +160,26 @@ def run_single(
     """One `generate(prompt)` call per question, in a loop, timed as a whole and per call."""
     generations, processed = [], []
     start = time.perf_counter()
-    for item, prompt in zip(items, tqdm(prompts, desc="single", unit="q", leave=False)):
-        generation = generator.generate(prompt)
-        generations.append(generation)
-        processed.append(postprocess(generation.text, item.question))
+    try:
+        for item, prompt in zip(items, tqdm(prompts, desc="single", unit="q", leave=False)):
+            generation = generator.generate(prompt)
+            generations.append(generation)
+            processed.append(postprocess(generation.text, item.question))
+    except KeyboardInterrupt:
+        done = len(generations)
+        partial = _finish(
+            "single",
+            items[:done],
+            generations,
+            processed,
+            time.perf_counter() - start,
+            tolerance,
+            budget_s,
+            overhead_s,
+            1,
+        )
+        partial.complete = False
+        raise StageInterrupted(partial) from None
     wall_time_s = time.perf_counter() - start
     return _finish("single", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, 1)
 
@@ -173,12 +206,38 @@ def run_batched(
         lengths = [len(ids) for ids in generator.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         order.sort(key=lambda i: lengths[i])
     generations: list[Generation | None] = [None] * len(prompts)
-    for begin in tqdm(range(0, len(prompts), micro_batch_size), desc="batched", unit="batch", leave=False):
-        chunk = order[begin : begin + micro_batch_size]
-        for index, generation in zip(chunk, generator.batched_generate([prompts[i] for i in chunk])):
-            generations[index] = generation
+    size, oom_retries, begin = micro_batch_size, 0, 0
+    progress = tqdm(total=len(prompts), desc="batched", unit="q", leave=False)
+    try:
+        while begin < len(prompts):
+            chunk = order[begin : begin + size]
+            try:
+                outputs = generator.batched_generate([prompts[i] for i in chunk])
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _is_out_of_memory(error) or size == 1:
+                    raise
+                size, oom_retries = max(1, size // 2), oom_retries + 1  # retry the same prompts in smaller batches
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            for index, generation in zip(chunk, outputs):
+                generations[index] = generation
+            begin += len(chunk)
+            progress.update(len(chunk))
+    except KeyboardInterrupt:
+        done = sorted(i for i, g in enumerate(generations) if g is not None)
+        partial_generations = [generations[i] for i in done]
+        processed = [postprocess(generations[i].text, items[i].question) for i in done]
+        partial = _finish(
+            "batched", [items[i] for i in done], partial_generations, processed, time.perf_counter() - start,
+            tolerance, budget_s, overhead_s, size,
+        )  # fmt: skip
+        partial.complete, partial.oom_retries = False, oom_retries
+        raise StageInterrupted(partial) from None
+    finally:
+        progress.close()
     processed = [postprocess(g.text, item.question) for g, item in zip(generations, items)]
     wall_time_s = time.perf_counter() - start
-    return _finish(
-        "batched", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, micro_batch_size
-    )
+    result = _finish("batched", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, size)
+    result.oom_retries = oom_retries
+    return result

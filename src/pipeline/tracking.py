@@ -1,13 +1,25 @@
-"""Logging a finished run to MLflow: params, metrics, tags and artifacts. The only module that imports mlflow."""
+"""MLflow logging: the only module that imports mlflow.
+
+A run is opened before the stages (params, status RUNNING) and closed after them from what the run
+folder holds (metrics, tags, artifacts), so a crash or an interrupt leaves a FAILED or KILLED run,
+not a RUNNING one. `sync_folder` logs a saved run folder later, into the same run when one exists.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
-from pipeline.runner import PREDICTIONS_FILE, RESULTS_FILE, RunResult
+from pipeline.errors import PipelineError
+from pipeline.runner import PREDICTIONS_FILE, RESULTS_FILE
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+TRACKING_FILE = "tracking.json"  # in the run folder: where the run was (to be) logged
+FOLDER_TAG = "run_folder"
+STATUS_BY_RESULT = {"finished": "FINISHED", "killed": "KILLED", "running": "FAILED", "failed": "FAILED"}
 
 
 def default_uri(launch_dir: Path) -> str:
@@ -28,55 +40,150 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _experiment_id(mlflow, name: str, uri: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, not after minutes of retries, when an http(s) tracking server does not answer."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise PipelineError(f"tracking server {uri} is unreachable ({err})") from None
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in whatever folder was current
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # a parallel job created it first
-        experiment = mlflow.get_experiment_by_name(name)
+        experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
 
 
-def log_run(
-    result: RunResult,
-    config: dict,
-    output_dir: Path,
-    uri: str,
-    experiment: str,
-    run_name: str,
-    hydra_dir: Path | None = None,
-) -> str:
-    """Log one run and return its MLflow run id."""
-    import mlflow
+def _client(uri: str):
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, experiment, uri)
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, experiment: str, run_name: str, config: dict, output_dir: Path) -> str:
+    """Open a RUNNING run with the flattened config as params; returns its id and notes it in the run folder."""
+    client = _client(uri)
+    experiment_id = _experiment_id(client, experiment, uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: str(Path(output_dir).resolve())})
+    _log_params(client, run.info.run_id, config)
+    _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id)
+    return run.info.run_id
+
+
+def _write_tracking_file(output_dir: Path, uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    record = {"uri": uri, "experiment": experiment, "run_name": run_name, "run_id": run_id}
+    (Path(output_dir) / TRACKING_FILE).write_text(json.dumps(record, indent=2))
+
+
+def note_intended_tracking(output_dir: Path, uri: str, experiment: str, run_name: str) -> None:
+    """Record where the run should have been logged, for `pipeline.sync`, when the store was unreachable."""
+    _write_tracking_file(output_dir, uri, experiment, run_name, None)
+
+
+def _log_params(client, run_id: str, config: dict) -> None:
+    from mlflow.entities import Param
+
+    params = sorted(flatten(config).items())
+    for begin in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params[begin : begin + 100]])
+
+
+def _log_folder(client, run_id: str, output_dir: Path) -> str:
+    """Metrics, tags and artifacts from a run folder; returns the result status ('finished', 'killed', ...)."""
+    from mlflow.entities import Metric, RunTag
+
+    results_file = output_dir / RESULTS_FILE
+    if not results_file.is_file():
+        return "failed"
+    results = json.loads(results_file.read_text())
+    environment = results.get("environment", {})
     tags = {
-        "device_name": result.environment["device_name"],
-        "torch_version": result.environment["torch_version"],
-        "transformers_version": result.environment["transformers_version"],
-        "git_commit": result.environment["git_commit"],
-        "dtype": result.dtype,
-        "attention": result.attention,
-        "device": result.device,
+        "device_name": environment.get("device_name", ""),
+        "torch_version": environment.get("torch_version", ""),
+        "transformers_version": environment.get("transformers_version", ""),
+        "git_commit": environment.get("git_commit", ""),
+        "dtype": results.get("dtype", ""),
+        "attention": results.get("attention", ""),
+        "device": results.get("device", ""),
+        "result_status": results.get("status", ""),
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        params = flatten(config)
-        items = sorted(params.items())
-        for begin in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            mlflow.log_params(dict(items[begin : begin + 100]))
-        mlflow.log_metrics(result.metrics())
-        mlflow.log_dict(config, "config.json")
-        for name in (RESULTS_FILE, PREDICTIONS_FILE):
-            if (output_dir / name).is_file():
-                mlflow.log_artifact(str(output_dir / name))
-        if hydra_dir is not None and hydra_dir.is_dir():
-            mlflow.log_artifacts(str(hydra_dir), ".hydra")
-        return run.info.run_id
+    metrics = [Metric(k, float(v), 0, 0) for k, v in results.get("metrics", {}).items() if not math.isnan(float(v))]
+    for begin in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[begin : begin + 500])
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for name in (RESULTS_FILE, PREDICTIONS_FILE):
+        if (output_dir / name).is_file():
+            client.log_artifact(run_id, str(output_dir / name))
+    hydra_dir = output_dir / ".hydra"
+    if hydra_dir.is_dir():
+        client.log_artifacts(run_id, str(hydra_dir), ".hydra")
+    return results.get("status", "failed")
+
+
+def finish_run(uri: str, run_id: str, output_dir: Path, config: dict, status: str | None = None) -> None:
+    """Log the run folder's results into the run and close it (status from the results unless given)."""
+    client = _client(uri)
+    client.log_dict(run_id, config, "config.json")
+    result_status = _log_folder(client, run_id, Path(output_dir))
+    client.set_terminated(run_id, status or STATUS_BY_RESULT.get(result_status, "FAILED"))
+
+
+def sync_folder(output_dir: Path, uri: str | None = None, experiment: str | None = None) -> tuple[str, bool]:
+    """Log a saved run folder to MLflow once: into its existing run if there is one, else a new run.
+
+    Returns (run id, created). Running it twice never makes a second run.
+    """
+    output_dir = Path(output_dir).resolve()
+    if not (output_dir / RESULTS_FILE).is_file():
+        raise PipelineError(f"{output_dir} holds no {RESULTS_FILE}; give a run folder under outputs/")
+    noted = {}
+    if (output_dir / TRACKING_FILE).is_file():
+        noted = json.loads((output_dir / TRACKING_FILE).read_text())
+    uri = uri or noted.get("uri")
+    experiment = experiment or noted.get("experiment") or "unit-conversion"
+    if not uri:
+        raise PipelineError(f"no tracking URI noted in {output_dir}; pass --uri sqlite:///path/to/mlflow.db")
+    client = _client(uri)
+    experiment_id = _experiment_id(client, experiment, uri)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.{FOLDER_TAG} = '{output_dir}'", max_results=1
+    )  # the folder path names the run: no duplicates
+    config = _folder_config(output_dir)
+    if existing:
+        run_id, created = existing[0].info.run_id, False
+    else:
+        run_name = noted.get("run_name") or output_dir.name
+        run = client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: str(output_dir)})
+        run_id, created = run.info.run_id, True
+        _log_params(client, run_id, config)
+        client.log_dict(run_id, config, "config.json")
+    result_status = _log_folder(client, run_id, output_dir)
+    if created or client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, STATUS_BY_RESULT.get(result_status, "FAILED"))
+    return run_id, created
+
+
+def _folder_config(output_dir: Path) -> dict:
+    """The job's composed config, as Hydra saved it in .hydra/config.yaml."""
+    from omegaconf import OmegaConf
+
+    file = output_dir / ".hydra" / "config.yaml"
+    if not file.is_file():
+        return {}
+    return OmegaConf.to_container(OmegaConf.load(file), resolve=False)

@@ -1,0 +1,205 @@
+"""Bad input gets a one-line error; results survive interrupts, out-of-memory and an unreachable store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from conftest import ROOT, run_app
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import GenerationConfig
+from pipeline.data import load_items
+from pipeline.errors import PipelineError
+from pipeline.generation import Generator
+from pipeline.stages import StageInterrupted, run_batched, run_single
+from pipeline.sync import main as sync_main
+
+TINY = ["model=tiny", "prompt=raw", "generation.max_new_tokens=6"]
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["precision=fp8"], "choose one of: auto, bf16"),
+        (["-m", "attention=sdpa,flash3"], "attention=flash3 is not an option"),
+        (["generation.max_new_tokens=0"], "generation.max_new_tokens"),
+        (["stages.micro_batch_size=0"], "stages.micro_batch_size"),
+        (["dataset.num_questions=-1"], "dataset.num_questions"),
+        (["dataset.path=/nonexistent/q.json"], "dataset file not found"),
+        (["attention=flash_attention_2"], "attention=sdpa"),
+        (["model=local", "model.path=/nonexistent/model"], "model.path"),
+    ],
+)
+def test_bad_input_is_one_error_line_without_traceback(tmp_path, args, needle):
+    if "flash_attention_2" in args[0] and torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    result = run_app([*args, "tracking.enabled=false"] if args[0] != "-m" else args, tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-1000:]
+    assert "Traceback" not in result.stderr
+    errors = _error_lines(result.stderr)
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-1000:]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("{not json", "not valid JSON"), ('[["q", 1], ["only question"]]', "item 1"), ("[]", "empty")],
+)
+def test_bad_dataset_files_name_the_item(tmp_path, content, needle):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    result = run_app([*TINY, f"dataset.path={path}", "tracking.enabled=false"], tmp_path, timeout=120)
+    assert result.returncode == 2 and needle in _error_lines(result.stderr)[0]
+
+
+def test_small_dataset_uses_what_there_is_and_says_so(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([["How many g in 2 kg?", 2000], {"question": "3 h in min?", "answer": 180}]))
+    result = run_app([*TINY, f"dataset.path={path}", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "fewer than dataset.num_questions=32; using all 2" in result.stderr + result.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=20), lambda c: st.lists(c, max_size=4)))
+def test_any_json_is_loaded_or_refused_cleanly(tmp_path_factory, value):
+    path = tmp_path_factory.mktemp("json") / "data.json"
+    path.write_text(json.dumps(value))
+    try:
+        items = load_items(path)
+    except PipelineError:
+        return
+    assert all(isinstance(i.question, str) and math.isfinite(i.answer) for i in items)
+
+
+class _FlakyGenerator:
+    """A real generator that runs out of memory above `limit` prompts per call, or is interrupted on call `stop_at`."""
+
+    def __init__(self, inner: Generator, limit: int = 10**9, stop_at: int = -1):
+        self.inner, self.limit, self.stop_at, self.calls = inner, limit, stop_at, 0
+        self.tokenizer = inner.tokenizer
+
+    def batched_generate(self, prompts, max_new_tokens=None):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        if len(prompts) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner.batched_generate(prompts, max_new_tokens)
+
+    def generate(self, prompt, max_new_tokens=None):
+        return self.batched_generate([prompt], max_new_tokens)[0]
+
+
+def _tiny_setup(tiny_fp32, n=8):
+    items = load_items()[:n]
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=4, stop_string=None))
+    return items, [item.question for item in items], generator
+
+
+def test_out_of_memory_halves_the_micro_batch_and_records_it(tiny_fp32):
+    items, prompts, generator = _tiny_setup(tiny_fp32)
+    with torch.inference_mode():
+        expected = run_batched(generator, items, prompts, 0.05, 15.0, 8)
+        stage = run_batched(_FlakyGenerator(generator, limit=2), items, prompts, 0.05, 15.0, 8)
+    assert stage.oom_retries == 2 and stage.micro_batch_size == 2
+    assert [p.output for p in stage.predictions] == [p.output for p in expected.predictions]
+
+
+def test_interrupt_keeps_the_questions_done(tiny_fp32):
+    items, prompts, generator = _tiny_setup(tiny_fp32)
+    with torch.inference_mode(), pytest.raises(StageInterrupted) as caught:
+        run_single(_FlakyGenerator(generator, stop_at=4), items, prompts, 0.05, 40.0)
+    assert not caught.value.partial.complete and len(caught.value.partial.predictions) == 3
+    with torch.inference_mode(), pytest.raises(StageInterrupted) as caught:
+        run_batched(_FlakyGenerator(generator, stop_at=3), items, prompts, 0.05, 15.0, 2)
+    assert [p.index for p in caught.value.partial.predictions] == [0, 1, 2, 3]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _runs(db):
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(experiment_names=["unit-conversion"])
+
+
+def test_unreachable_store_keeps_results_and_sync_logs_them_once(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY,
+        "dataset.num_questions=3",
+        f"tracking.uri=http://127.0.0.1:{_closed_port()}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = run_app(args, tmp_path)
+    assert result.returncode == 3, result.stderr[-1500:]
+    assert f"python -m pipeline.sync {run_dir}" in result.stderr
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+    db = tmp_path / "later.db"
+    for _ in range(2):
+        assert sync_main([str(run_dir), "--uri", f"sqlite:///{db}"]) == 0
+    runs = _runs(db)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    assert runs.iloc[0]["metrics.batched/num_questions"] == 3 and runs.iloc[0]["params.precision.name"] == "auto"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "run.py"), *TINY, "dataset.num_questions=160", "stages.micro_batch_size=1",
+        "runtime.warmup=false", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = run_dir / "results.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if results.is_file() and "single" in json.loads(results.read_text())["stages"]:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the batched stage
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-1500:]
+
+    saved = json.loads(results.read_text())
+    assert saved["status"] == "killed"
+    assert saved["stages"]["single"]["complete"] and saved["stages"]["single"]["num_questions"] == 160
+    assert not saved["stages"]["batched"]["complete"] and saved["stages"]["batched"]["num_questions"] < 160
+    lines = (run_dir / "predictions.csv").read_text().count("\nsingle,")
+    assert lines == 160
+
+    db = tmp_path / "mlflow.db"
+    runs = _runs(db)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "KILLED"
+    assert runs.iloc[0]["metrics.single/accuracy"] >= 0
+    for _ in range(2):
+        assert sync_main([str(run_dir)]) == 0
+    runs = _runs(db)
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "KILLED"
+
+
+def test_trust_remote_code_only_when_asked():
+    text = (ROOT / "src" / "pipeline" / "models.py").read_text()
+    assert "trust_remote_code=True" not in text
+    assert os.path.exists(ROOT / "conf" / "model" / "smollm2-360m.yaml")
