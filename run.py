@@ -33,9 +33,14 @@ def register_configs() -> None:
 register_configs()
 
 
-def run_name() -> str:
-    """The job's command-line overrides, e.g. 'precision=bf16,attention=sdpa', or 'defaults'."""
+def run_name(swept: list[str] | None = None) -> str:
+    """The job's command-line overrides, e.g. 'precision=bf16,attention=sdpa', or 'defaults'.
+
+    In a sweep only the swept keys name the job; what every job shares is in the parent run.
+    """
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("tracking.")]
+    if swept:
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept] or overrides
     return ",".join(overrides) or "defaults"
 
 
@@ -61,19 +66,24 @@ def run(cfg: DictConfig) -> int:
         from pipeline import tracking
 
         uri = config.tracking.uri or tracking.default_uri(launch_dir)
-        name = config.tracking.run_name or run_name()
+        parent, swept = None, []
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            from pipeline.sweep import sweep_info
+
+            parent, swept = sweep_info(hydra_cfg.sweep.dir, uri)
+        name = config.tracking.run_name or run_name(swept)
         try:
-            run_id = tracking.start_run(uri, config.tracking.experiment, name, config_dict, output_dir)
+            run_id = tracking.start_run(uri, config.tracking.experiment, name, config_dict, output_dir, parent)
         except Exception as err:  # the run goes on; its results stay in the folder for pipeline.sync
             tracking_error, run_id = err, None
             tracking.note_intended_tracking(output_dir, uri, config.tracking.experiment, name)
             log.warning(f"MLflow is unavailable ({_first_line(err)}); running on, results go to {output_dir}")
 
-    def close_run(status: str | None = None) -> Exception | None:
+    def close_run(status: str | None = None, error: str | None = None) -> Exception | None:
         if tracking is None or run_id is None:
             return None
         try:
-            tracking.finish_run(uri, run_id, output_dir, config_dict, status)
+            tracking.finish_run(uri, run_id, output_dir, config_dict, status, error)
         except Exception as err:
             return err
         return None
@@ -86,8 +96,8 @@ def run(cfg: DictConfig) -> int:
         if run_id:
             print(f"MLflow run {run_id} is marked KILLED", file=sys.stderr)
         raise SystemExit(130) from None
-    except BaseException:
-        close_run("FAILED")
+    except BaseException as err:
+        close_run("FAILED", f"{type(err).__name__}: {err}")
         raise
     print(format_summary(result), flush=True)
     print(f"results saved in {output_dir}")
@@ -114,14 +124,18 @@ def _first_line(err: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         status = run(cfg)
-    except PipelineError as err:
-        if cfg.get("debug"):
+    except Exception as err:
+        if cfg.get("debug") or not (sweeping or isinstance(err, PipelineError)):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if status and HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep goes on to its next job
+        # in a sweep a failed job is logged (MLflow run FAILED, with its error) and the sweep goes on
+        print(f"error: {err}" if isinstance(err, PipelineError) else f"error: job failed: {err!r}", file=sys.stderr)
+        if not sweeping:
+            sys.exit(2)
+        return
+    if status and not sweeping:  # a sweep goes on to its next job
         sys.exit(status)
 
 

@@ -182,6 +182,8 @@ class TrackingConfig:
     uri: str | None = None
     experiment: str = "unit-conversion"
     run_name: str | None = None
+    # the run a sweep's comparison measures against, as key=value pairs (null: the sweep's first job)
+    baseline: str | None = None
 
 
 @dataclass

@@ -75,11 +75,19 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_run(uri: str, experiment: str, run_name: str, config: dict, output_dir: Path) -> str:
-    """Open a RUNNING run with the flattened config as params; returns its id and notes it in the run folder."""
+def start_run(
+    uri: str, experiment: str, run_name: str, config: dict, output_dir: Path, parent_run_id: str | None = None
+) -> str:
+    """Open a RUNNING run with the flattened config as params; returns its id and notes it in the run folder.
+
+    With `parent_run_id` the run is nested under a sweep's parent run.
+    """
     client = _client(uri)
     experiment_id = _experiment_id(client, experiment, uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags={FOLDER_TAG: str(Path(output_dir).resolve())})
+    tags = {FOLDER_TAG: str(Path(output_dir).resolve())}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     _log_params(client, run.info.run_id, config)
     _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id)
     return run.info.run_id
@@ -136,11 +144,20 @@ def _log_folder(client, run_id: str, output_dir: Path) -> str:
     return results.get("status", "failed")
 
 
-def finish_run(uri: str, run_id: str, output_dir: Path, config: dict, status: str | None = None) -> None:
-    """Log the run folder's results into the run and close it (status from the results unless given)."""
+def finish_run(
+    uri: str, run_id: str, output_dir: Path, config: dict, status: str | None = None, error: str | None = None
+) -> None:
+    """Log the run folder's results into the run and close it (status from the results unless given).
+
+    A failed run also gets its error message as the `error` tag and its job log as an artifact.
+    """
     client = _client(uri)
     client.log_dict(run_id, config, "config.json")
     result_status = _log_folder(client, run_id, Path(output_dir))
+    if error:
+        client.set_tag(run_id, "error", error[:5000])
+    for job_log in Path(output_dir).glob("*.log"):
+        client.log_artifact(run_id, str(job_log))
     client.set_terminated(run_id, status or STATUS_BY_RESULT.get(result_status, "FAILED"))
 
 
