@@ -56,3 +56,75 @@ def tiny_fp32():
     from pipeline.models import load_model
 
     return load_model(ModelConfig(name="tiny", source="tiny"), torch.device("cpu"), torch.float32, "sdpa")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root; CI runs as root, so run its tools as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="session")
+def postgres_uri():
+    """A real PostgreSQL server on 127.0.0.1 with an empty `mlflow` database; stopped after the session."""
+    import glob
+    import shutil
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL server is not installed (apt-get install postgresql; .ci/run does)")
+    import tempfile
+
+    bin_dir = Path(bins[-1]).parent
+    # pytest's own temporary folders are private to root: the postgres user needs a folder it can enter
+    data = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)  # fmt: skip
+    options = f"-p {port} -h 127.0.0.1 -k {data}"
+    subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "log"),
+                                 "-w", "start"]), check=True, capture_output=True)  # fmt: skip
+    try:
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+                       check=True, capture_output=True)  # fmt: skip
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def start_mlflow_server(backend_uri: str, artifacts: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1 over `backend_uri`; returns the process and its http URI once healthy."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
+        "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=open(log_file, "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log_file.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, uri
+        except OSError:
+            time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError(f"mlflow server did not answer in 120 s: {log_file.read_text()[-2000:]}")
