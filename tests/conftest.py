@@ -104,16 +104,18 @@ def postgres_uri():
         shutil.rmtree(data, ignore_errors=True)
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on 127.0.0.1 over `backend_uri`; returns the process and its http URI once healthy."""
+def start_mlflow_server(
+    backend_uri: str, artifacts: Path | None, log_file: Path, command_name: str = "server"
+) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` (or `mlflow ui`) on 127.0.0.1 over `backend_uri`; returns the process and URI once healthy."""
     import time
     import urllib.request
 
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
-        "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
+    command = [str(Path(sys.executable).parent / "mlflow"), command_name, "--backend-store-uri", backend_uri,
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    if artifacts is not None:
+        command += ["--artifacts-destination", artifacts.as_uri(), "--workers", "1"]
     process = subprocess.Popen(command, stdout=open(log_file, "w"), stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
