@@ -203,3 +203,13 @@ def test_trust_remote_code_only_when_asked():
     text = (ROOT / "src" / "pipeline" / "models.py").read_text()
     assert "trust_remote_code=True" not in text
     assert os.path.exists(ROOT / "conf" / "model" / "smollm2-360m.yaml")
+
+
+def test_fp16_on_cpu_warns_with_the_faster_alternative(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU warning")
+    result = run_app([*TINY, "precision=fp16", "dataset.num_questions=2", "tracking.enabled=false"], tmp_path)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here" in (
+        result.stdout + result.stderr
+    )
