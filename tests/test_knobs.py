@@ -110,3 +110,18 @@ def test_llamacpp_backend_answers_like_the_other_backend():
     result = generator.generate(cot)
     assert 0 < result.num_tokens <= 12 and result.first_token_s < result.latency_s
     assert len(generator.batched_generate([cot, cot])) == 2
+
+
+def test_thread_count_and_sort_knobs_reach_the_run(tmp_path):
+    import json
+
+    from conftest import run_app
+
+    args = ["model=tiny", "prompt=raw", "dataset.num_questions=3", "generation.max_new_tokens=3",
+            "runtime.num_threads=1", "stages.sort_by_length=true", "stages.micro_batch_size=2",
+            "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    result = run_app(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-1500:]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["environment"]["torch_threads"] == "1"
+    assert saved["stages"]["batched"]["micro_batch_size"] == 2 and saved["stages"]["batched"]["num_questions"] == 3
