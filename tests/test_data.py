@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 
 # An independent definition of every unit key, in pint's own terms (not the generator's factors).
 UREG = pint.UnitRegistry()
-UREG.define("tropical_year = 365.242199 * day")
+UREG.define("dataset_year = 365.242199 * day")
 PINT_UNITS = {
     "mg": "milligram",
     "g": "gram",
@@ -39,10 +39,10 @@ PINT_UNITS = {
     "h": "hour",
     "day": "day",
     "week": "week",
-    "month": "tropical_year/12",
-    "year": "tropical_year",
-    "decade": "10*tropical_year",
-    "century": "100*tropical_year",
+    "month": "dataset_year/12",
+    "year": "dataset_year",
+    "decade": "10*dataset_year",
+    "century": "100*dataset_year",
     "gal": "gallon",
     "qt": "quart",
     "pt": "pint",

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import CompileConfig, DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.generation import utils as _generation_utils
 
 from pipeline.config import GenerationConfig
 
+# transformers 5.x renames generate's `past_key_values` to `cache`; use what the installed version takes
+CACHE_KWARG = "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 # below this many shared tokens, copying a cache costs more than recomputing it
 MIN_PREFIX_TOKENS = 16
 
@@ -161,7 +164,7 @@ class Generator:
             cache = copy.deepcopy(self.prefix_cache)
             if rows > 1:
                 cache.batch_repeat_interleave(rows)
-            inputs["past_key_values"] = cache
+            inputs[CACHE_KWARG] = cache
         inputs.update(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
         return inputs
 

@@ -50,10 +50,10 @@ ALIASES = {
     "min": "minute", "minute": "minute", "minutes": "minute",
     "hr": "hour", "hrs": "hour", "hour": "hour", "hours": "hour",
     "day": "day", "days": "day", "week": "week", "weeks": "week",
-    "month": "tropical_month", "months": "tropical_month",
-    "year": "tropical_year", "years": "tropical_year", "yr": "tropical_year",
-    "decade": "tropical_decade", "decades": "tropical_decade",
-    "century": "tropical_century", "centuries": "tropical_century",
+    "month": "dataset_month", "months": "dataset_month",
+    "year": "dataset_year", "years": "dataset_year", "yr": "dataset_year",
+    "decade": "dataset_decade", "decades": "dataset_decade",
+    "century": "dataset_century", "centuries": "dataset_century",
     # US volume
     "gal": "gallon", "gallon": "gallon", "gallons": "gallon",
     "qt": "quart", "quart": "quart", "quarts": "quart",
@@ -93,12 +93,12 @@ class Form:
 
 @lru_cache(maxsize=1)
 def registry() -> pint.UnitRegistry:
-    """pint with the data set's year (365.242199 days) and its month, decade and century."""
+    """pint with the data set's year (365.242199 days; pint's own year is 365.25) and its month, decade, century."""
     ureg = pint.UnitRegistry()
-    ureg.define("tropical_year = 365.242199 * day")
-    ureg.define("tropical_month = tropical_year / 12")
-    ureg.define("tropical_decade = 10 * tropical_year")
-    ureg.define("tropical_century = 100 * tropical_year")
+    ureg.define("dataset_year = 365.242199 * day")
+    ureg.define("dataset_month = dataset_year / 12")
+    ureg.define("dataset_decade = 10 * dataset_year")
+    ureg.define("dataset_century = 100 * dataset_year")
     return ureg
 
 
