@@ -156,8 +156,35 @@ def check_group_options(args: list[str], conf_dir: Path = Path(__file__).resolve
     return None
 
 
+def check_overrides(args: list[str], conf_dir: Path = Path(__file__).resolve().parent / "conf") -> str | None:
+    """Compose the config as the run will, and turn a misspelled key or a wrong type into one line (else None).
+
+    Sweeps and Hydra's own flags are left to Hydra.
+    """
+    if any(a.startswith("-") for a in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            compose(config_name="config", overrides=args, return_hydra_config=True)
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, OmegaConfBaseException):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return _first_line(err)
+        key = getattr(cause, "full_key", None) or ""
+        reason = _first_line(cause)
+        if "not in" in reason or "not in struct" in reason:
+            return f"{key}: no such setting ({reason}); check the spelling, the keys are in conf/"
+        return f"{key}: {reason}" if key else reason
+    return None
+
+
 if __name__ == "__main__":
-    problem = check_group_options(sys.argv[1:])
+    problem = check_group_options(sys.argv[1:]) or check_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

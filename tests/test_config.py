@@ -106,3 +106,19 @@ def test_cli_out_of_range_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "generation.max_new_tokens" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("generation.max_new_tokns=5", "generation.max_new_tokns: no such setting"),
+        ("generation.max_new_tokens=many", "generation.max_new_tokens: Value 'many'"),
+        ("stages.batched=maybe", "stages.batched"),
+    ],
+)
+def test_cli_typo_and_wrong_type_are_one_line(tmp_path, override, needle):
+    result = run_app([override], tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines() if line]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in result.stderr
