@@ -45,8 +45,8 @@ class MlflowSweepCallback(Callback):
         uri = config.tracking.uri or tracking.default_uri(Path.cwd())
         overrides = list(config.hydra.overrides.task)
         try:
-            client = tracking._client(uri)
-            experiment_id = tracking._experiment_id(client, config.tracking.experiment, uri)
+            client = tracking.client_for(uri)
+            experiment_id = tracking.ensure_experiment(client, config.tracking.experiment, uri)
             run = client.create_run(
                 experiment_id, run_name="sweep: " + " ".join(overrides), tags={"pipeline.sweep": "parent"}
             )
@@ -69,7 +69,7 @@ class MlflowSweepCallback(Callback):
         noted = json.loads((sweep_dir / PARENT_FILE).read_text())
         from pipeline import report, tracking
 
-        client = tracking._client(noted["uri"])
+        client = tracking.client_for(noted["uri"])
         run_id = noted["run_id"]
         try:
             runs = report.load_runs(noted["uri"], noted["experiment"], sweep=run_id)

@@ -52,7 +52,8 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
         raise PipelineError(f"tracking server {uri} is unreachable ({err})") from None
 
 
-def _experiment_id(client, name: str, uri: str) -> str:
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with artifacts beside a SQLite store) when it does not exist."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -68,7 +69,8 @@ def _experiment_id(client, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def _client(uri: str):
+def client_for(uri: str):
+    """An MlflowClient for `uri`, after checking that an http(s) server answers."""
     from mlflow import MlflowClient
 
     check_reachable(uri)
@@ -82,8 +84,8 @@ def start_run(
 
     With `parent_run_id` the run is nested under a sweep's parent run.
     """
-    client = _client(uri)
-    experiment_id = _experiment_id(client, experiment, uri)
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, experiment, uri)
     tags = {FOLDER_TAG: str(Path(output_dir).resolve())}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -151,7 +153,7 @@ def finish_run(
 
     A failed run also gets its error message as the `error` tag and its job log as an artifact.
     """
-    client = _client(uri)
+    client = client_for(uri)
     client.log_dict(run_id, config, "config.json")
     result_status = _log_folder(client, run_id, Path(output_dir))
     if error:
@@ -176,8 +178,8 @@ def sync_folder(output_dir: Path, uri: str | None = None, experiment: str | None
     experiment = experiment or noted.get("experiment") or "unit-conversion"
     if not uri:
         raise PipelineError(f"no tracking URI noted in {output_dir}; pass --uri sqlite:///path/to/mlflow.db")
-    client = _client(uri)
-    experiment_id = _experiment_id(client, experiment, uri)
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, experiment, uri)
     existing = client.search_runs(
         [experiment_id], filter_string=f"tags.{FOLDER_TAG} = '{output_dir}'", max_results=1
     )  # the folder path names the run: no duplicates
