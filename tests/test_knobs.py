@@ -98,18 +98,39 @@ def test_compile_reaches_generate_and_keeps_greedy_tokens(tiny_fp32):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="optional extra llama-cpp-python absent")
-def test_llamacpp_backend_answers_like_the_other_backend():
-    from pipeline.llamacpp import LlamaCppGenerator
-    from pipeline.models import embedded_gguf
+def test_llamacpp_backend_answers_like_the_transformers_backend(compose_cfg):
+    """Same GGUF weights, same tool prompt, greedy: the two backends write the same forms on most questions."""
+    from omegaconf import OmegaConf
 
-    generator = LlamaCppGenerator(embedded_gguf(), GenerationConfig(max_new_tokens=12), num_threads=2)
-    cot = (
-        "<|im_start|>user\nHow many grams are in 6 kg? Answer as <answer>N</answer>.<|im_end|>\n<|im_start|>assistant\n"
-    )
-    result = generator.generate(cot)
-    assert 0 < result.num_tokens <= 12 and result.first_token_s < result.latency_s
-    assert len(generator.batched_generate([cot, cot])) == 2
+    from pipeline.backends import load_backend
+
+    items = load_items()[:8]
+    forms = {}
+    for name in ("llamacpp", "transformers"):
+        cfg = OmegaConf.to_object(compose_cfg([f"backend={name}", "precision=fp32", "runtime.num_threads=2"]))
+        backend, _ = load_backend(cfg, log=lambda _: None)
+        prompts = [build_prompt(item.question, cfg.prompt, backend.tokenizer) for item in items]
+        with torch.inference_mode():
+            outputs = backend.batched_generate(prompts)
+        forms[name] = [g.text.strip() for g in outputs]
+        assert all(0 < g.num_tokens <= cfg.generation.max_new_tokens for g in outputs)
+        assert backend.prompt_lengths(prompts[:1])[0] > 20
+    same = sum(a == b for a, b in zip(forms["llamacpp"], forms["transformers"]))
+    assert same >= 6, forms  # Q4_1 kernels with 8-bit activations vs fp32: a rare greedy flip, not more
+
+
+def test_llamacpp_warns_about_the_settings_it_ignores(compose_cfg):
+    from omegaconf import OmegaConf
+
+    from pipeline.backends import ignored_settings
+    from pipeline.backends.llamacpp import IGNORED
+
+    cfg = OmegaConf.to_object(compose_cfg(["backend=llamacpp", "precision=bf16", "runtime.compile=default"]))
+    warnings = ignored_settings(cfg, IGNORED, "llamacpp")
+    assert any("precision.name=bf16" in w for w in warnings) and any("runtime.compile=default" in w for w in warnings)
+    assert not ignored_settings(OmegaConf.to_object(compose_cfg(["backend=llamacpp"])), IGNORED, "llamacpp")
 
 
 def test_thread_count_and_sort_knobs_reach_the_run(tmp_path):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backends.llamacpp import available as llamacpp_available
 from pipeline.environment import PROJECT_ROOT, cpu_model, git_commit
-from pipeline.llamacpp import available as llamacpp_available
 
 RUN_PY = PROJECT_ROOT / "run.py"
 DEFAULT_OUT = PROJECT_ROOT / "docs" / "BENCHMARKS.md"

@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
-BACKENDS = ("transformers", "llamacpp")
+BACKENDS = ("engine", "transformers", "llamacpp")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEVICES = ("auto", "cpu", "cuda", "mps")

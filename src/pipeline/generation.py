@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import CompileConfig, DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import utils as _generation_utils
 
 from pipeline.config import GenerationConfig
+from pipeline.results import Generation
 
 # transformers 5.x renames generate's `past_key_values` to `cache`; use what the installed version takes
 CACHE_KWARG = "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 # below this many shared tokens, copying a cache costs more than recomputing it
 MIN_PREFIX_TOKENS = 16
-
-
-@dataclass
-class Generation:
-    text: str
-    num_tokens: int  # generated tokens, up to and including the stop token, no padding
-    latency_s: float  # wall time of the call that produced it
-    first_token_s: float = float("nan")  # time to the first generated token (prefill) within that call
 
 
 class StopAtText(StoppingCriteria):
@@ -68,9 +60,10 @@ def _tokens_containing(tokenizer, char: str) -> torch.Tensor:
     return _CANDIDATE_CACHE[key]
 
 
-def _length_to_eos(tokens: torch.Tensor, eos_ids: list[int]) -> int:
+def _length_to_eos(tokens: torch.Tensor, eos_ids: list[int]) -> int | None:
+    """Length up to and including the first EOS; None when the row never emitted one."""
     hits = torch.nonzero(torch.isin(tokens, torch.tensor(eos_ids))).flatten()
-    return int(hits[0]) + 1 if len(hits) else len(tokens)
+    return int(hits[0]) + 1 if len(hits) else None
 
 
 def _sync(device: torch.device) -> None:
@@ -142,6 +135,10 @@ class Generator:
         _sync(self.device)
         return time.perf_counter() - start
 
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Token length of each prompt."""
+        return [len(self._encode(p)) for p in prompts]
+
     def _encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
@@ -188,8 +185,10 @@ class Generator:
         results = []
         for row, tokens in enumerate(generated):
             count = stop.finished_at.get(row) or _length_to_eos(tokens, self.eos_ids)
+            hit_budget = count is None  # neither the stop text nor EOS: cut by the token budget
+            count = count or len(tokens)
             text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            results.append(Generation(text, count, latency_s, first_token_s))
+            results.append(Generation(text, count, latency_s, first_token_s, hit_budget))
         return results
 
     def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:

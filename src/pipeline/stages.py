@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.backends import Backend
 from pipeline.data import Item
-from pipeline.generation import Generation, Generator
-from pipeline.scoring import is_correct, parse_answer, score
+from pipeline.results import Generation, Prediction, StageResult, finish_stage
+
+__all__ = ["Postprocess", "Prediction", "StageInterrupted", "StageResult", "keep_output", "run_batched", "run_single"]
 
 # (model output, question) -> (text to score, parsed tool form or ""); runs inside the timed region
 Postprocess = Callable[[str, str], tuple[str, str]]
@@ -42,114 +40,31 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-@dataclass
-class Prediction:
-    stage: str
-    index: int
-    question: str
-    expected: float
-    output: str  # the model's output (with any prompt-held prefix and appended tool answer)
-    parsed: float
-    correct: bool
-    latency_s: float
-    num_tokens: int
-    form: str = ""  # the tool strategy's parsed `QUANTITY SOURCE -> TARGET`, else empty
-
-
-@dataclass
-class StageResult:
-    name: str
-    wall_time_s: float
-    generated_tokens: int
-    tokens_per_s: float
-    accuracy: float
-    answer_rate: float
-    num_questions: int
-    budget_s: float
-    within_budget: bool
-    # the original grader counted model load (and warm-up) in the stage time
-    within_budget_with_load: bool
-    latency_p50_s: float
-    latency_p90_s: float
-    latency_max_s: float
-    # prefill: mean time to the first token of a call; decode: tokens after the first per second of the rest
-    first_token_mean_s: float = float("nan")
-    decode_tokens_per_s: float = float("nan")
-    micro_batch_size: int = 1
-    # times the batched stage ran out of memory and halved its micro-batch
-    oom_retries: int = 0
-    # false when the stage was interrupted: then it holds the questions done so far
-    complete: bool = True
-    # accuracy per item family (e.g. mass, time) where the data set names families
-    accuracy_by_family: dict[str, float] = field(default_factory=dict)
-    predictions: list[Prediction] = field(default_factory=list, repr=False)
-
-    def metrics(self) -> dict[str, float]:
-        """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`."""
-        skip = {"name", "predictions", "accuracy_by_family"}
-        metrics = {f"{self.name}/{k}": float(v) for k, v in vars(self).items() if k not in skip}
-        metrics.update({f"{self.name}/accuracy/{family}": v for family, v in self.accuracy_by_family.items()})
-        return metrics
-
-
-def _by_family(items: list[Item], correct: list[bool]) -> dict[str, float]:
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for item, ok in zip(items, correct):
-        if "family" in item.meta:
-            groups[str(item.meta["family"])].append(ok)
-    return {family: sum(oks) / len(oks) for family, oks in sorted(groups.items())}
-
-
-def _finish(
+def _score(
     name: str,
     items: list[Item],
-    generations: list[Generation],
-    processed: list[tuple[str, str]],
-    wall_time_s: float,
+    generations: list[Generation | None],
+    postprocess: Postprocess,
+    start: float,
     tolerance: float,
     budget_s: float,
     overhead_s: float,
     micro_batch_size: int,
+    complete: bool,
 ) -> StageResult:
-    parsed = [parse_answer(text) for text, _ in processed]
-    correct = [is_correct(p, item.answer, tolerance) for p, item in zip(parsed, items)]
-    result = score(parsed, [item.answer for item in items], tolerance)
-    predictions = [
-        Prediction(name, i, item.question, item.answer, text, p, ok, g.latency_s, g.num_tokens, form)
-        for i, (item, g, (text, form), p, ok) in enumerate(zip(items, generations, processed, parsed, correct))
-    ]
-    latencies = np.array([g.latency_s for g in generations]) if generations else np.array([math.nan])
-    tokens = sum(g.num_tokens for g in generations)
-    # one clock per generate call: the rows of a micro-batch share theirs
-    calls = (
-        list({(g.latency_s, g.first_token_s): g for g in generations}.values()) if name == "batched" else generations
-    )
-    decode_time_s = sum(c.latency_s - c.first_token_s for c in calls)
-    decode_tokens = sum(max(g.num_tokens - 1, 0) for g in generations)
-    return StageResult(
-        name=name,
-        wall_time_s=wall_time_s,
-        generated_tokens=tokens,
-        tokens_per_s=tokens / wall_time_s if wall_time_s > 0 else math.nan,
-        accuracy=result.accuracy,
-        answer_rate=result.answer_rate,
-        num_questions=len(items),
-        budget_s=budget_s,
-        within_budget=wall_time_s <= budget_s,
-        within_budget_with_load=wall_time_s + overhead_s <= budget_s,
-        latency_p50_s=float(np.percentile(latencies, 50)),
-        latency_p90_s=float(np.percentile(latencies, 90)),
-        latency_max_s=float(latencies.max()),
-        first_token_mean_s=float(np.mean([c.first_token_s for c in calls])) if calls else math.nan,
-        decode_tokens_per_s=decode_tokens / decode_time_s if decode_time_s > 0 else math.nan,
-        micro_batch_size=micro_batch_size,
-        accuracy_by_family=_by_family(items, correct),
-        predictions=predictions,
-    )
+    """The stage result over the questions that have a generation; the one way both stages end, interrupted or not."""
+    done = [i for i, g in enumerate(generations) if g is not None]
+    kept = [generations[i] for i in done]
+    processed = [postprocess(g.text, items[i].question) for i, g in zip(done, kept)]
+    wall_time_s = time.perf_counter() - start  # post-processing is part of the stage, as in the course
+    return finish_stage(
+        name, [items[i] for i in done], kept, processed, wall_time_s, tolerance, budget_s, overhead_s,
+        micro_batch_size, complete,
+    )  # fmt: skip
 
 
 def run_single(
-    generator: Generator,
+    generator: Backend,
     items: list[Item],
     prompts: list[str],
     tolerance: float,
@@ -158,34 +73,19 @@ def run_single(
     postprocess: Postprocess = keep_output,
 ) -> StageResult:
     """One `generate(prompt)` call per question, in a loop, timed as a whole and per call."""
-    generations, processed = [], []
+    generations: list[Generation | None] = [None] * len(prompts)
     start = time.perf_counter()
     try:
-        for item, prompt in zip(items, tqdm(prompts, desc="single", unit="q", leave=False)):
-            generation = generator.generate(prompt)
-            generations.append(generation)
-            processed.append(postprocess(generation.text, item.question))
+        for index, prompt in enumerate(tqdm(prompts, desc="single", unit="q", leave=False)):
+            generations[index] = generator.generate(prompt)
     except KeyboardInterrupt:
-        done = len(generations)
-        partial = _finish(
-            "single",
-            items[:done],
-            generations,
-            processed,
-            time.perf_counter() - start,
-            tolerance,
-            budget_s,
-            overhead_s,
-            1,
-        )
-        partial.complete = False
+        partial = _score("single", items, generations, postprocess, start, tolerance, budget_s, overhead_s, 1, False)
         raise StageInterrupted(partial) from None
-    wall_time_s = time.perf_counter() - start
-    return _finish("single", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, 1)
+    return _score("single", items, generations, postprocess, start, tolerance, budget_s, overhead_s, 1, True)
 
 
 def run_batched(
-    generator: Generator,
+    generator: Backend,
     items: list[Item],
     prompts: list[str],
     tolerance: float,
@@ -203,7 +103,7 @@ def run_batched(
     start = time.perf_counter()
     order = list(range(len(prompts)))
     if sort_by_length:
-        lengths = [len(ids) for ids in generator.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        lengths = generator.prompt_lengths(prompts)
         order.sort(key=lambda i: lengths[i])
     generations: list[Generation | None] = [None] * len(prompts)
     size, oom_retries, begin = micro_batch_size, 0, 0
@@ -225,19 +125,12 @@ def run_batched(
             begin += len(chunk)
             progress.update(len(chunk))
     except KeyboardInterrupt:
-        done = sorted(i for i, g in enumerate(generations) if g is not None)
-        partial_generations = [generations[i] for i in done]
-        processed = [postprocess(generations[i].text, items[i].question) for i in done]
-        partial = _finish(
-            "batched", [items[i] for i in done], partial_generations, processed, time.perf_counter() - start,
-            tolerance, budget_s, overhead_s, size,
-        )  # fmt: skip
-        partial.complete, partial.oom_retries = False, oom_retries
+        args = (tolerance, budget_s, overhead_s, size, False)
+        partial = _score("batched", items, generations, postprocess, start, *args)
+        partial.oom_retries = oom_retries
         raise StageInterrupted(partial) from None
     finally:
         progress.close()
-    processed = [postprocess(g.text, item.question) for g, item in zip(generations, items)]
-    wall_time_s = time.perf_counter() - start
-    result = _finish("batched", items, generations, processed, wall_time_s, tolerance, budget_s, overhead_s, size)
+    result = _score("batched", items, generations, postprocess, start, tolerance, budget_s, overhead_s, size, True)
     result.oom_retries = oom_retries
     return result

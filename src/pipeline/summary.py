@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.runner import RunResult
+from pipeline.results import RunResult
 
 
 def _ok(flag: bool) -> str:

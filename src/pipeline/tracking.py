@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
-from pipeline.runner import PREDICTIONS_FILE, RESULTS_FILE
+from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 TRACKING_FILE = "tracking.json"  # in the run folder: where the run was (to be) logged

@@ -1,0 +1,49 @@
+"""The transformers backend: a Hugging Face model in the configured precision and attention kernel, `generate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pipeline.backends import BackendInfo
+from pipeline.config import Config
+from pipeline.generation import Generator
+from pipeline.models import DTYPE_NAMES, load_model, resolve_device, resolve_dtype, weight_format
+from pipeline.quantize import weight_bytes
+
+
+class TransformersBackend(Generator):
+    """`Generator` over a model loaded as the config says (precision, attention, compile)."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        device = resolve_device(cfg.runtime.device)
+        dtype = resolve_dtype(cfg.precision.name, device)
+        attention = cfg.attention.implementation
+        log(f"loading model {cfg.model.name} ({DTYPE_NAMES[dtype]}, attention={attention}, {device})")
+        int8 = cfg.precision.name == "int8"
+        self.loaded = load_model(cfg.model, device, dtype, cfg.attention.implementation, cfg.runtime.seed, int8)
+        super().__init__(self.loaded.model, self.loaded.tokenizer, cfg.generation, compile_mode=cfg.runtime.compile)
+        self.warnings: list[str] = []
+        if device.type == "cpu" and dtype == torch.float16:
+            self.warnings.append(
+                "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here"
+            )
+        self._info = BackendInfo(
+            name="transformers",
+            dtype=DTYPE_NAMES[dtype],
+            weight_format=weight_format(cfg.precision.name, dtype),
+            weight_bytes=weight_bytes(self.loaded.model),
+            device=str(device),
+            attention=self.loaded.attention,
+            source=self.loaded.source,
+            load_time_s=self.loaded.load_time_s,
+        )
+
+    def info(self) -> BackendInfo:
+        """dtype, weight format and bytes, device, attention kernel, source, load time."""
+        return self._info
+
+    def loss_model(self):
+        """The run's own model, in its own precision."""
+        return self.model, self.tokenizer, f"the run's model ({self._info.weight_format})"
