@@ -55,6 +55,17 @@ def test_bad_input_is_one_error_line_without_traceback(tmp_path, args, needle):
     assert len(errors) == 1 and needle in errors[0], result.stderr[-1000:]
 
 
+def test_a_file_that_is_not_a_model_is_one_error_line(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("<html>404 Not Found</html>")  # what a failed download leaves behind
+    result = run_app(["model=local", f"model.path={fake}", "tracking.enabled=false"], tmp_path, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1000:]
+    assert _error_lines(result.stderr) == [
+        f"error: model.path={fake} is not a GGUF file (it does not start with the GGUF magic bytes); "
+        "download the .gguf file again or give a model folder"
+    ]
+
+
 @pytest.mark.parametrize(
     ("content", "needle"),
     [("{not json", "not valid JSON"), ('[["q", 1], ["only question"]]', "item 1"), ("[]", "empty")],

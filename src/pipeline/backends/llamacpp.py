@@ -58,13 +58,13 @@ class LlamaCppBackend:
             )
         from llama_cpp import Llama
 
-        from pipeline.models import default_cache_dir, gguf_tokenizer
+        from pipeline.models import gguf_tokenizer, model_cache_dir
 
         self.gguf, self.cfg, self.model_cfg = model_gguf(cfg), gen, cfg.model
         log(f"loading {self.gguf.name} with llama.cpp")
         start = time.perf_counter()
-        cache_dir = Path(cfg.model.cache_dir).expanduser() if cfg.model.cache_dir else default_cache_dir()
-        self.tokenizer = gguf_tokenizer(self.gguf, cache_dir)  # the chat template, and the course's `.tokenizer`
+        # the chat template, and the course's `.tokenizer`
+        self.tokenizer = gguf_tokenizer(self.gguf, model_cache_dir(cfg.model))
         threads = cfg.runtime.num_threads or os.cpu_count() or 1
         self.llm = Llama(
             model_path=str(self.gguf), n_ctx=context_tokens, n_threads=threads, n_threads_batch=threads, verbose=False
