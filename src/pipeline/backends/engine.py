@@ -1,0 +1,154 @@
+"""The engine backend: the project's own decode engine (`pipeline.engine`) over the transformers model's weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipeline.backends import BackendInfo, ignored_settings
+from pipeline.config import Config
+from pipeline.engine import Engine, StopTokens
+from pipeline.errors import PipelineError
+from pipeline.results import Generation
+
+# below this many shared tokens, a prefix is not worth keeping
+MIN_PREFIX_TOKENS = 16
+
+IGNORED = [
+    ("attention.implementation", "sdpa", "the engine calls scaled_dot_product_attention itself"),
+    ("generation.cache_implementation", "dynamic", "the engine's KV cache is always preallocated"),
+    ("generation.use_cache", True, "the engine always keeps a KV cache"),
+    ("runtime.compile", "off", "the engine's decode step is not compiled"),
+]
+
+
+def weight_format_for(precision: str) -> str:
+    """The engine's decode weight format for a precision name (auto: measured, see `pipeline.calibrate`)."""
+    return {"fp32": "fp32", "int8": "q8", "q8": "q8", "q4": "q4"}.get(precision, "")
+
+
+class EngineBackend:
+    """The course API on the engine, continuously batched over `stages.micro_batch_size` slots."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        from pipeline.models import load_model, resolve_device
+
+        gen = cfg.generation
+        if gen.do_sample or gen.num_beams != 1:
+            raise PipelineError(
+                "backend=engine decodes greedily; set generation.do_sample=false generation.num_beams=1, "
+                "or use backend=transformers"
+            )
+        device = resolve_device(cfg.runtime.device)
+        if device.type != "cpu":
+            raise PipelineError(f"backend=engine runs on the CPU (device is {device.type}); use backend=transformers")
+        self.cfg, self.warnings = gen, ignored_settings(cfg, IGNORED, "engine")
+        fmt = weight_format_for(cfg.precision.name)
+        if not fmt:
+            if cfg.precision.name in ("bf16", "fp16", "half"):
+                self.warnings.append(
+                    f"backend=engine computes in fp32 on the CPU; precision={cfg.precision.name} is not applied"
+                )
+            fmt = default_format()
+        log(f"loading model {cfg.model.name} for the engine ({fmt} decode weights, fp32 activations)")
+        start = time.perf_counter()
+        loaded = load_model(cfg.model, device, torch.float32, "sdpa", cfg.runtime.seed)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        with torch.inference_mode():
+            self.engine = Engine(self.model, fmt, slots=1)
+        self.slots = cfg.stages.micro_batch_size
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id}
+        self.stopper = StopTokens(self.tokenizer, gen.stop_string, sorted(i for i in eos_ids if i is not None))
+        self.use_prefix = gen.prefix_cache
+        self.prefix_ids: list[int] = []
+        self._info = BackendInfo(
+            name="engine",
+            dtype="fp32",
+            weight_format=fmt,
+            weight_bytes=self.engine.weight_bytes(),
+            device="cpu",
+            attention="sdpa (engine)",
+            source=loaded.source,
+            load_time_s=time.perf_counter() - start,
+        )
+
+    def info(self) -> BackendInfo:
+        """fp32 activations; the decode weight format and the bytes a step reads."""
+        return self._info
+
+    def _encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """Token length of each prompt."""
+        return [len(self._encode(p)) for p in prompts]
+
+    def set_shared_prefix(self, prompts: list[str]) -> float:
+        """Compute once the KV cache of the token prefix all `prompts` share, in every slot of the engine."""
+        self.prefix_ids = []
+        if not self.use_prefix or not prompts:
+            self.engine.set_prefix([])
+            return 0.0
+        encoded = [self._encode(p) for p in prompts]
+        length = min(len(ids) for ids in encoded) - 1  # every prompt keeps at least one token of its own
+        for position in range(max(length, 0)):
+            if any(ids[position] != encoded[0][position] for ids in encoded):
+                length = position
+                break
+        if length < MIN_PREFIX_TOKENS:
+            self.engine.set_prefix([])
+            return 0.0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.engine._ensure(self.slots, length + 64)
+            self.engine.set_prefix(encoded[0][:length])
+        self.prefix_ids = encoded[0][:length]
+        return time.perf_counter() - start
+
+    def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
+        """All `prompts`, continuously batched over the slots; rows share one clock as in a batched call."""
+        start = time.perf_counter()
+        first_token_at: list[float] = []
+        budget = max_new_tokens or self.cfg.max_new_tokens
+        with torch.inference_mode():
+            sequences = self.engine.generate(
+                [self._encode(p) for p in prompts],
+                budget,
+                self.stopper,
+                self.slots,
+                on_first_token=lambda: first_token_at.append(time.perf_counter()),
+            )
+        latency_s = time.perf_counter() - start
+        first_token_s = first_token_at[0] - start if first_token_at else float("nan")
+        return [
+            Generation(
+                self.tokenizer.decode(seq.generated, skip_special_tokens=True),
+                len(seq.generated),
+                latency_s,
+                first_token_s,
+                seq.hit_budget,
+            )
+            for seq in sequences
+        ]
+
+    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
+        """Generate for one prompt."""
+        return self.batched_generate([prompt], max_new_tokens)[0]
+
+    def loss_model(self):
+        """The transformers model the engine took its weights from, in fp32."""
+        fmt = self._info.weight_format
+        note = "" if fmt == "fp32" else f"; the engine decodes with {fmt} weights"
+        return self.model, self.tokenizer, f"transformers fp32, same weights{note}"
+
+
+def default_format() -> str:
+    """q4 where our kernels run (lossless for the embedded Q4_1 model), else fp32."""
+    try:
+        from pipeline import kernels
+    except ImportError:
+        return "fp32"
+    return "q4" if kernels.available() else "fp32"

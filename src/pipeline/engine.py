@@ -1,0 +1,382 @@
+"""A lean decode engine for Llama-architecture models, in the spirit of gpt-fast.
+
+The hot path in plain sight:
+- weights taken once from a transformers model: q/k/v and gate/up fused into one matrix each, stored
+  transposed in fp32 for prefill (a GEMM, MKL is good at it) and in the decode format (fp32, or int8/int4
+  groups of 32 read by our own kernels, `pipeline.kernels`) for decoding (a GEMV, bound by reading weights);
+- a preallocated KV cache with one row ("slot") per sequence; the prompt prefix all prompts share is
+  computed once and written into every slot;
+- prefill of the new prompts' own tokens packed into one sequence (no padding), attention per prompt;
+- `decode_one_token`: one step for all running rows, greedy argmax inside;
+- stopping on token ids found once per stop text, with no text decoding per step;
+- continuous batching: a row that stops frees its slot for the next waiting prompt, and running rows stay
+  packed at the front of the cache so no step computes a finished row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+
+# decode formats: how the weights read by each decoding step are stored
+FORMATS = ("fp32", "q8", "q4")
+
+
+@dataclass
+class Sequence:
+    """One prompt on its way through the engine."""
+
+    index: int  # position in the caller's list
+    suffix: list[int]  # prompt tokens not in the cache yet
+    start: int  # cache position of the first of them (after the shared prefix, or 0 without it)
+    budget: int  # max new tokens
+    generated: list[int]
+    position: int = 0  # next cache position to write
+    done: bool = False
+    hit_budget: bool = False
+
+
+class Linear:
+    """y = x @ W.T for the engine: fp32 GEMM for many rows, the decode format's kernel for a few."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, max_kernel_rows: int):
+        self.out_features, self.in_features = weight.shape
+        self.weight_t = weight.detach().float().t().contiguous()  # [K, N]: x @ W_t reads rows in order
+        self.fmt, self.max_kernel_rows = fmt, max_kernel_rows
+        self.packed: tuple[torch.Tensor, ...] = ()
+        if fmt in ("q4", "q8"):
+            from pipeline import kernels
+
+            self.packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed and x.shape[0] <= self.max_kernel_rows:
+            from pipeline import kernels
+
+            if self.fmt == "q4":
+                return kernels.q4_linear(x, *self.packed)
+            return kernels.q8_linear(x, *self.packed)
+        return x @ self.weight_t
+
+    def decode_bytes(self) -> int:
+        """Bytes of weights one decoding step reads."""
+        if self.packed:
+            return sum(t.numel() * t.element_size() for t in self.packed)
+        return self.weight_t.numel() * self.weight_t.element_size()
+
+
+class Layer:
+    def __init__(self, block, fmt: str, max_kernel_rows: int):
+        attn, mlp = block.self_attn, block.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        for name, module in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
+            if getattr(module, "bias", None) is not None:
+                raise PipelineError(f"backend=engine has no bias support ({name}); use backend=transformers")
+        self.qkv = Linear(qkv, fmt, max_kernel_rows)
+        self.o = Linear(attn.o_proj.weight, fmt, max_kernel_rows)
+        self.gate_up = Linear(gate_up, fmt, max_kernel_rows)
+        self.down = Linear(mlp.down_proj.weight, fmt, max_kernel_rows)
+        self.attn_norm = block.input_layernorm.weight.detach().float()
+        self.mlp_norm = block.post_attention_layernorm.weight.detach().float()
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding in transformers' layout (rotate the two halves of each head)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Engine:
+    """Weights, KV cache and the prefill/decode steps of one model; `generate` runs a list of prompts."""
+
+    def __init__(self, model, fmt: str = "fp32", slots: int = 1, max_kernel_rows: int = 8):
+        if fmt not in FORMATS:
+            raise PipelineError(f"engine weight format {fmt!r} is not one of {', '.join(FORMATS)}")
+        config = model.config
+        if getattr(config, "model_type", "") != "llama":
+            raise PipelineError(
+                f"backend=engine runs Llama-architecture models (this one is {config.model_type!r}); "
+                "use backend=transformers"
+            )
+        self.config, self.fmt = config, fmt
+        inner = model.model
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.hidden = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.embedding = inner.embed_tokens.weight.detach().float()
+        self.layers = [Layer(block, fmt, max_kernel_rows) for block in inner.layers]
+        self.norm = inner.norm.weight.detach().float()
+        head = model.get_output_embeddings().weight
+        # the lm_head of a GGUF model is Q8_0: int8 groups keep it exact where int4 would not
+        self.lm_head = Linear(head, "q8" if fmt == "q4" else fmt, max_kernel_rows)
+        self._rotary = inner.rotary_emb
+        self.cos = self.sin = torch.empty(0)
+        self.slots, self.capacity = 0, 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.prefix: list[int] = []
+        self.prefix_k: list[torch.Tensor] = []
+        self.prefix_v: list[torch.Tensor] = []
+        self._mixed = False  # a prompt without the shared prefix is running
+        self._ensure(slots, 256)
+
+    # ------------------------------------------------------------------ memory
+
+    def weight_bytes(self) -> int:
+        """Weight bytes read per decoded token: every matrix in its decode format, plus the norms."""
+        matrices = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        norms = sum(layer.attn_norm.numel() + layer.mlp_norm.numel() for layer in self.layers) + self.norm.numel()
+        return sum(m.decode_bytes() for m in matrices) + self.lm_head.decode_bytes() + 4 * norms
+
+    def _ensure(self, slots: int, length: int) -> None:
+        """Grow the KV cache to `slots` rows of `length` positions (the shared prefix is copied into new rows)."""
+        if slots <= self.slots and length <= self.capacity:
+            return
+        slots, length = max(slots, self.slots), max(length, self.capacity)
+        length = (length + 63) // 64 * 64
+        shape = (slots, self.num_kv_heads, length, self.head_dim)
+        self.k_cache = [torch.zeros(shape) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape) for _ in self.layers]
+        self.slots, self.capacity = slots, length
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = self._rotary(self.embedding[:1].unsqueeze(0), positions)
+        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self._write_prefix()
+
+    def _write_prefix(self) -> None:
+        width = len(self.prefix)
+        for k, v, pk, pv in zip(self.k_cache, self.v_cache, self.prefix_k, self.prefix_v):
+            k[:, :, :width] = pk
+            v[:, :, :width] = pv
+
+    def set_prefix(self, prefix: list[int]) -> None:
+        """Compute the KV cache of `prefix` once and put it at the start of every slot."""
+        self.prefix, self.prefix_k, self.prefix_v = [], [], []
+        if not prefix:
+            return
+        self._ensure(self.slots, len(prefix) + 64)
+        self._prefill([(0, Sequence(0, list(prefix), start=0, budget=0, generated=[]))], logits=False)
+        self.prefix = list(prefix)
+        self.prefix_k = [k[0, :, : len(prefix)].clone() for k in self.k_cache]
+        self.prefix_v = [v[0, :, : len(prefix)].clone() for v in self.v_cache]
+        self._write_prefix()
+
+    def _move(self, source: int, target: int, start: int, length: int) -> None:
+        """Copy positions start..length of a running row's cache to a lower slot, keeping running rows packed."""
+        for k, v in zip(self.k_cache, self.v_cache):
+            k[target, :, start:length] = k[source, :, start:length]
+            v[target, :, start:length] = v[source, :, start:length]
+
+    # ------------------------------------------------------------------ the model
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden,), weight, self.eps)
+
+    def _mlp(self, layer: Layer, h: torch.Tensor) -> torch.Tensor:
+        gate_up = layer.gate_up(self._norm(h, layer.mlp_norm))
+        gate, up = gate_up.split(layer.intermediate, dim=-1)
+        return h + layer.down(F.silu(gate) * up)
+
+    def _qkv(self, layer: Layer, h: torch.Tensor, positions: torch.Tensor):
+        """Projections of the rows of `h` ([T, hidden]) with rotary embedding at `positions` ([T])."""
+        qkv = layer.qkv(self._norm(h, layer.attn_norm))
+        rows, heads, kv_heads, dim = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
+        qk = _rotate(qk, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
+        return q, k, v
+
+    def _prefill(self, batch: list[tuple[int, Sequence]], logits: bool = True) -> torch.Tensor | None:
+        """Run the new tokens of each (slot, sequence) as one packed sequence; returns each one's next token."""
+        tokens, positions, slots = [], [], []
+        spans = []  # (slot, first position, length, offset in the packed sequence)
+        for slot, seq in batch:
+            start = seq.start
+            tokens += seq.suffix
+            positions += range(start, start + len(seq.suffix))
+            slots += [slot] * len(seq.suffix)
+            spans.append((slot, start, len(seq.suffix), len(tokens) - len(seq.suffix)))
+            seq.position = start + len(seq.suffix)
+        token_ids, pos, slot_ids = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
+        masks = [
+            torch.arange(start + length).unsqueeze(0) <= torch.arange(start, start + length).unsqueeze(1)
+            for _, start, length, _ in spans
+        ]
+        h = self.embedding[token_ids]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._qkv(layer, h, pos)
+            k_cache[slot_ids, :, pos] = k
+            v_cache[slot_ids, :, pos] = v
+            outputs = []
+            for (slot, start, length, offset), mask in zip(spans, masks):
+                query = q[offset : offset + length].transpose(0, 1).unsqueeze(0)  # [1, heads, L, dim]
+                keys = k_cache[slot : slot + 1, :, : start + length]
+                values = v_cache[slot : slot + 1, :, : start + length]
+                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+                outputs.append(out[0].transpose(0, 1).reshape(length, self.hidden))
+            h = h + layer.o(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
+            h = self._mlp(layer, h)
+        if not logits:
+            return None
+        last = torch.tensor([offset + length - 1 for _, _, length, offset in spans])
+        return self.lm_head(self._norm(h[last], self.norm)).argmax(dim=-1)
+
+    def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden_mask) -> torch.Tensor:
+        """Attention of one new query per row ([B, heads, dim]) over the cache ([B, kv_heads, S, dim]).
+
+        Written out rather than through scaled_dot_product_attention: for a single query the fused kernel's
+        set-up costs more than the arithmetic. Query heads are grouped onto their key/value head (GQA)
+        without copying the cache.
+        """
+        rows, groups = q.shape[0], self.num_heads // self.num_kv_heads
+        q = q.view(rows, self.num_kv_heads, groups, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # [B, kv_heads, groups, S]
+        if hidden_mask is not None:
+            scores = scores.masked_fill(hidden_mask, float("-inf"))
+        return torch.matmul(scores.softmax(dim=-1), values).reshape(rows, self.hidden)
+
+    def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for the running rows 0..B-1: `tokens` [B] at `positions` [B] in; next tokens [B] out."""
+        rows = tokens.shape[0]
+        length = int(positions.max()) + 1
+        slot_ids = torch.arange(rows)
+        # a key is visible to a row up to the row's own position (rows differ in length)
+        mask = None if rows == 1 else (torch.arange(length).unsqueeze(0) > positions.unsqueeze(1))[:, None, None]
+        h = self.embedding[tokens]
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            q, k, v = self._qkv(layer, h, positions)
+            k_cache[slot_ids, :, positions] = k
+            v_cache[slot_ids, :, positions] = v
+            out = self._attend_one(q, k_cache[:rows, :, :length], v_cache[:rows, :, :length], mask)
+            h = h + layer.o(out)
+            h = self._mlp(layer, h)
+        return self.lm_head(self._norm(h, self.norm)).argmax(dim=-1)
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits of every position of one token sequence, without the cache (the reference for tests)."""
+        positions = torch.arange(len(ids))
+        mask = positions.unsqueeze(0) <= positions.unsqueeze(1)
+        h = self.embedding[torch.tensor(ids)]
+        for layer in self.layers:
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in self._qkv(layer, h, positions))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            h = h + layer.o(out[0].transpose(0, 1).reshape(len(ids), self.hidden))
+            h = self._mlp(layer, h)
+        return self._norm(h, self.norm) @ self.lm_head.weight_t
+
+    # ------------------------------------------------------------------ the loop
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        budget: int,
+        stopper: StopTokens,
+        slots: int,
+        on_first_token=None,
+    ) -> list[Sequence]:
+        """Greedy generation for every prompt (token ids), `slots` rows at a time; results in prompt order.
+
+        Prompts that start with the shared prefix skip it. Continuous batching: whenever rows finish,
+        waiting prompts take their slots in the next prefill. `on_first_token` is called once, when the
+        first prefill has produced its tokens.
+        """
+        width = len(self.prefix)
+        waiting = []
+        for i, ids in enumerate(prompts):
+            shared = width > 0 and len(ids) > width and ids[:width] == self.prefix
+            suffix = ids[width:] if shared else list(ids)
+            waiting.append(Sequence(i, suffix, start=width if shared else 0, budget=budget, generated=[]))
+        # a prompt without the prefix overwrites its slot's copy of it: put the prefix back afterwards
+        overwrites = any(seq.start == 0 for seq in waiting) and width > 0
+        self._mixed = overwrites
+        waiting.reverse()  # pop() takes them in order
+        longest = max(seq.start + len(seq.suffix) for seq in waiting)
+        self._ensure(min(slots, len(prompts)), longest + budget + 1)
+        running: list[Sequence] = []
+        finished: list[Sequence] = []
+        while waiting or running:
+            if waiting and len(running) < slots:
+                admitted = []
+                while waiting and len(running) + len(admitted) < slots:
+                    admitted.append(waiting.pop())
+                first = len(running)
+                next_tokens = self._prefill([(first + i, seq) for i, seq in enumerate(admitted)])
+                if on_first_token is not None:
+                    on_first_token()
+                    on_first_token = None
+                running += admitted
+                self._accept(admitted, next_tokens.tolist(), stopper)
+            else:
+                tokens = torch.tensor([seq.generated[-1] for seq in running])
+                positions = torch.tensor([seq.position for seq in running])
+                next_tokens = self.decode_one_token(tokens, positions)
+                for seq in running:
+                    seq.position += 1
+                self._accept(running, next_tokens.tolist(), stopper)
+            if any(seq.done for seq in running):
+                running = self._compact(running, finished)
+        if overwrites:
+            self._write_prefix()
+        return sorted(finished, key=lambda seq: seq.index)
+
+    def _accept(self, rows: list[Sequence], tokens: list[int], stopper: StopTokens) -> None:
+        for seq, token in zip(rows, tokens):
+            seq.generated.append(token)
+            if stopper.stops(seq.generated):
+                seq.done = True
+            elif len(seq.generated) >= seq.budget:
+                seq.done, seq.hit_budget = True, True
+
+    def _compact(self, running: list[Sequence], finished: list[Sequence]) -> list[Sequence]:
+        """Drop finished rows; running rows above the new count move into the freed slots below it.
+
+        Row i of `running` lives in cache slot i, so after this slots 0..B-1 hold the B running rows.
+        """
+        finished += [seq for seq in running if seq.done]
+        count = sum(not seq.done for seq in running)
+        holes = [slot for slot, seq in enumerate(running[:count]) if seq.done]
+        movers = [slot for slot, seq in enumerate(running) if slot >= count and not seq.done]
+        rows = list(running[:count])
+        for hole, slot in zip(holes, movers):
+            # every slot holds the shared prefix unless a prompt without it wrote there: then copy it all
+            start = 0 if self._mixed else running[slot].start
+            self._move(slot, hole, start, running[slot].position)
+            rows[hole] = running[slot]
+        return rows
+
+
+class StopTokens:
+    """Decides from token ids alone whether a generated sequence has stopped.
+
+    EOS ids stop at once. For a stop text, the tokens whose text contains its last character are found
+    once; only when such a token comes out is the tail decoded and searched (never for a one-character
+    stop text such as a newline, where the token itself decides).
+    """
+
+    def __init__(self, tokenizer, stop: str | None, eos_ids: list[int]):
+        self.tokenizer, self.stop, self.eos = tokenizer, stop or None, set(eos_ids)
+        self.candidates: set[int] = set()
+        self.direct: set[int] = set()
+        if self.stop:
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            self.candidates = {i for i, text in enumerate(texts) if self.stop[-1] in text}
+            self.direct = {i for i in self.candidates if self.stop in texts[i]}
+
+    def stops(self, generated: list[int]) -> bool:
+        """True when the last token is EOS or completes the stop text."""
+        token = generated[-1]
+        if token in self.eos or token in self.direct:
+            return True
+        if token in self.candidates:
+            return self.stop in self.tokenizer.decode(generated[-8:])
+        return False

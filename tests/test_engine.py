@@ -1,0 +1,113 @@
+"""The decode engine on the tiny model: same logits and greedy tokens as transformers, whatever the batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.data import load_items
+from pipeline.engine import Engine, StopTokens
+from pipeline.models import load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama with more layers than the session one, so rotary and GQA mistakes show."""
+    cfg = ModelConfig(name="tiny", source="tiny", tiny_layers=3, tiny_heads=6, tiny_kv_heads=2, tiny_hidden_size=96)
+    return load_model(cfg, CPU, torch.float32, "sdpa")
+
+
+def _chat(tokenizer, question: str) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Convert units."}, {"role": "user", "content": question}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _reference(model, ids: list[int], budget: int, stopper: StopTokens) -> list[int]:
+    """transformers' greedy decoding of one prompt, cut where the engine's stop rule says."""
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([ids]), max_new_tokens=budget, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    generated = []
+    for token in output[0, len(ids) :].tolist():
+        generated.append(token)
+        if stopper.stops(generated):
+            break
+    return generated
+
+
+def test_engine_logits_equal_transformers(tiny):
+    ids = _chat(tiny.tokenizer, "How many grams are in 6 kg?")
+    with torch.inference_mode():
+        expected = tiny.model(torch.tensor([ids])).logits[0]
+        got = Engine(tiny.model, "fp32").logits(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_rejects_other_architectures(tiny):
+    from pipeline.errors import PipelineError
+
+    class NotLlama:
+        config = type("C", (), {"model_type": "gpt2"})()
+
+    with pytest.raises(PipelineError, match="backend=transformers"):
+        Engine(NotLlama(), "fp32")
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_continuous_batching_gives_each_prompt_its_own_greedy_tokens(tiny, slots):
+    """Prompts of different lengths that stop at different steps: rows leave, others take their slots."""
+    tokenizer = tiny.tokenizer
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:7]]
+    # stop on the tokens this random model switches to after its first few, so rows finish at different steps
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    expected_full = [_reference(tiny.model, ids, 9, stopper) for ids in prompts]
+    frequent = sorted({t for seq in expected_full for t in seq} - {seq[0] for seq in expected_full})
+    stopper = StopTokens(tokenizer, None, eos_ids=frequent)
+    expected = [_reference(tiny.model, ids, 9, stopper) for ids in prompts]
+    assert len({len(seq) for seq in expected}) > 1, "the test needs rows that stop at different steps"
+    engine = Engine(tiny.model, "fp32")
+    shared = 0
+    while all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    with torch.inference_mode():
+        engine.set_prefix(prompts[0][:shared])
+        got = engine.generate(prompts, 9, stopper, slots)
+    assert [seq.generated for seq in got] == expected
+    assert [seq.hit_budget for seq in got] == [len(seq) == 9 and seq[-1] not in frequent for seq in expected]
+
+
+def test_prompts_without_the_shared_prefix_run_and_leave_it_intact(tiny):
+    tokenizer = tiny.tokenizer
+    with_prefix = [_chat(tokenizer, q) for q in ("How many grams are in 6 kg?", "Convert 3 km to m.")]
+    without = tokenizer("6 kg in grams:", add_special_tokens=False)["input_ids"]
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    expected = [_reference(tiny.model, ids, 5, stopper) for ids in [*with_prefix, without]]
+    engine = Engine(tiny.model, "fp32")
+    with torch.inference_mode():
+        engine.set_prefix(with_prefix[0][:8])
+        mixed = engine.generate([*with_prefix, without], 5, stopper, slots=2)
+        again = engine.generate(with_prefix, 5, stopper, slots=2)  # the prefix in every slot is whole again
+    assert [seq.generated for seq in mixed] == expected
+    assert [seq.generated for seq in again] == expected[:2]
+
+
+def test_stop_tokens_decide_from_ids(tiny):
+    tokenizer = tiny.tokenizer
+    newline = StopTokens(tokenizer, "\n", eos_ids=[tokenizer.eos_token_id])
+    line = tokenizer("6 kg -> grams\nmore", add_special_tokens=False)["input_ids"]
+    cut = next(i for i in range(1, len(line) + 1) if newline.stops(line[:i]))
+    assert "\n" in tokenizer.decode(line[:cut]) and "\n" not in tokenizer.decode(line[: cut - 1])
+    assert newline.stops([tokenizer.eos_token_id])
+    tag = StopTokens(tokenizer, "</answer>", eos_ids=[])
+    text = tokenizer("<answer>6000</answer> and", add_special_tokens=False)["input_ids"]
+    cut = next(i for i in range(1, len(text) + 1) if tag.stops(text[:i]))
+    assert tokenizer.decode(text[:cut]).endswith("</answer>")
+    assert not any(tag.stops(text[:i]) for i in range(1, cut))
