@@ -175,9 +175,9 @@ def figures(rows: list[Row], folder: Path) -> list[Path]:
 
 def load_runs(uri: str, experiment: str, sweep: str | None = None):
     """The runs of an experiment (children of `sweep` when given, else every run but sweep parents)."""
-    from mlflow import MlflowClient
+    from pipeline.tracking import client_for
 
-    client = MlflowClient(tracking_uri=uri)
+    client = client_for(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise PipelineError(f"no experiment '{experiment}' in {uri}; check --experiment and --uri")

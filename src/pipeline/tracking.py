@@ -1,14 +1,17 @@
-"""MLflow logging: the only module that imports mlflow.
+"""MLflow logging of a run. The core never imports mlflow; this module, `sync`, `report`, `sweep` and `bench` do.
 
 A run is opened before the stages (params, status RUNNING) and closed after them from what the run
 folder holds (metrics, tags, artifacts), so a crash or an interrupt leaves a FAILED or KILLED run,
 not a RUNNING one. `sync_folder` logs a saved run folder later, into the same run when one exists.
+Clients come from `client_for`, which first checks that the store answers: a store that is down costs
+seconds, not MLflow's retries.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -40,16 +43,112 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# server databases MLflow takes as a store, and their usual ports
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+# the pip package that provides a missing database driver module
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "pymysql": "pymysql", "pyodbc": "pyodbc", "pymssql": "pymssql"}  # fmt: skip
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail in seconds, not after minutes of retries, when an http(s) tracking server does not answer."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    """Fail in seconds, not after MLflow's minutes of retries, when the store is down or its driver is missing.
+
+    http(s): the server's port answers. Database URIs: the driver imports, the server's port answers and
+    one connection opens; SQLite: the database file can be created or written where the URI says.
+    """
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    if scheme in ("http", "https"):
+        parsed = urlparse(uri)
+        _check_port(uri, parsed.hostname, parsed.port or (443 if scheme == "https" else 80), timeout_s)
+    elif scheme == "sqlite" or scheme in DATABASE_PORTS:
+        _check_database(uri, scheme, timeout_s)
+
+
+def _check_port(shown: str, host: str | None, port: int, timeout_s: float) -> None:
     try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+        socket.create_connection((host or "127.0.0.1", port), timeout=timeout_s).close()
     except OSError as err:
-        raise PipelineError(f"tracking server {uri} is unreachable ({err})") from None
+        raise PipelineError(f"tracking store {shown} is unreachable ({err})") from None
+
+
+def _check_database(uri: str, scheme: str, timeout_s: float) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except ArgumentError as err:
+        raise PipelineError(f"tracking.uri={uri} is not a database URL MLflow can use ({err})") from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        module = getattr(err, "name", None) or url.get_driver_name()
+        package = DRIVER_PACKAGES.get(str(module).split(".")[0], module)
+        raise PipelineError(
+            f"tracking store {shown} needs the {url.get_driver_name()} driver, which is not installed "
+            f"({_first_line(err)}); pip install {package}, or use another tracking.uri"
+        ) from None
+    if scheme == "sqlite":
+        _check_sqlite_file(shown, url.database)
+        return
+    if url.host:  # without a host the driver uses a local socket; the connection below still tries it
+        _check_port(shown, url.host, url.port or DATABASE_PORTS[scheme], timeout_s)
+    _check_connection(shown, url, timeout_s)
+
+
+def _check_connection(shown: str, url, timeout_s: float) -> None:
+    """Open one connection, in a thread so that a server that never answers costs `timeout_s`, not a hang."""
+    import threading
+
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+            engine.connect().close()
+            engine.dispose()
+            outcome.append(None)
+        except Exception as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise PipelineError(f"tracking store {shown} does not answer within {timeout_s:.0f} s")
+    if outcome[0] is not None:
+        raise PipelineError(f"tracking store {shown} refuses the connection ({_first_line(outcome[0])})")
+
+
+def _check_sqlite_file(shown: str, database: str | None) -> None:
+    """The SQLite file exists and is a database, or the closest existing folder above it is writable."""
+    if not database or database == ":memory:":
+        return
+    path = Path(database).expanduser()
+    fix = "point tracking.uri at sqlite:///<a writable folder>/mlflow.db"
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
+            raise PipelineError(f"tracking store {shown}: {path} is not a writable file; {fix}")
+        with open(path, "rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+        if head and head != SQLITE_HEADER:
+            raise PipelineError(f"tracking store {shown}: {path} is not an SQLite database; {fix}")
+        return
+    folder = path.parent
+    while not folder.exists():  # MLflow creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise PipelineError(f"tracking store {shown}: cannot create {path} ({folder} is not a writable folder); {fix}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def ensure_experiment(client, name: str, uri: str) -> str:
@@ -70,10 +169,10 @@ def ensure_experiment(client, name: str, uri: str) -> str:
 
 
 def client_for(uri: str):
-    """An MlflowClient for `uri`, after checking that an http(s) server answers."""
+    """An MlflowClient for `uri`, after checking that its store answers (see `check_reachable`)."""
+    check_reachable(uri)
     from mlflow import MlflowClient
 
-    check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -132,6 +231,8 @@ def _log_folder(client, run_id: str, output_dir: Path) -> str:
         "attention": results.get("attention", ""),
         "device": results.get("device", ""),
         "result_status": results.get("status", ""),
+        "cpu_kind": environment.get("cpu_kind", ""),
+        **results.get("tags", {}),  # what the backend chose and why (e.g. the calibration)
     }
     metrics = [Metric(k, float(v), 0, 0) for k, v in results.get("metrics", {}).items() if not math.isnan(float(v))]
     for begin in range(0, len(metrics), 500):
