@@ -166,6 +166,10 @@ class StagesConfig:
     # the original grader's limits
     single_budget_s: float = 40.0
     batched_budget_s: float = 15.0
+    # the course grader's quality loss, points and case time after each stage (pipeline.grader)
+    grader_loss: bool = True
+    # load (and warm up) a fresh model before each stage, counted in that stage, as the course builds one per case
+    fresh_model_per_stage: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("stages.micro_batch_size", self.micro_batch_size)

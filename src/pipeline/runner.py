@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pipeline.backends import Backend, load_backend
 from pipeline.config import Config, PromptConfig
 from pipeline.data import load_items, select
 from pipeline.environment import environment
+from pipeline.grader import grade_stage, grader_lines
 from pipeline.models import resolve_device
 from pipeline.prompts import build_prompt
 from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE, RunResult, StageResult, save_results
@@ -58,12 +60,38 @@ def warm_up(generator: Backend, prompts: list[str], micro_batch_size: int, full:
     return time.perf_counter() - start
 
 
+def prepare_backend(
+    generator: Backend, prompts: list[str], cfg: Config, log: Callable[[str], None]
+) -> tuple[float, float]:
+    """Shared prefix, then warm-up as the config asks; returns the seconds of each (prefix, warm-up)."""
+    prefix_s = generator.set_shared_prefix(prompts)
+    if generator.prefix_ids:
+        log(f"shared prompt prefix: {len(generator.prefix_ids)} tokens cached in {prefix_s:.2f} s")
+    warmup_s = 0.0
+    if cfg.runtime.warmup:
+        warmup_s = warm_up(generator, prompts, cfg.stages.micro_batch_size, full=cfg.runtime.compile != "off")
+        log(f"warm-up took {warmup_s:.1f} s")
+    return prefix_s, warmup_s
+
+
+def _fresh_backend(cfg: Config, prompts: list[str], log: Callable[[str], None]) -> tuple[Backend, float]:
+    """A newly loaded and warmed-up backend, as the course builds a model per case; returns it and those seconds."""
+    gc.collect()  # the previous backend's memory, before a second copy is loaded
+    generator, _ = load_backend(cfg, log)
+    prefix_s, warmup_s = prepare_backend(generator, prompts, cfg, log)
+    load_s = generator.info().load_time_s
+    log(f"fresh model for the next stage: load {load_s:.1f} s, prefix {prefix_s:.2f} s, warm-up {warmup_s:.1f} s")
+    return generator, load_s + prefix_s + warmup_s
+
+
 def _stage_done(result: RunResult, stage: StageResult, output_dir: Path, log: Callable[[str], None]) -> None:
     """Keep a finished stage and write it to the run folder before anything else can fail."""
     result.stages.append(stage)
     save_results(result, output_dir)
     retries = f", {stage.oom_retries} out-of-memory retries" if stage.oom_retries else ""
     log(f"{stage.name} stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}{retries}")
+    for line in grader_lines(stage):
+        log(line)
 
 
 def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = print) -> RunResult:
@@ -92,17 +120,12 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
         num_questions=len(items),
         environment=environment(device),
         backend=info.name,
+        tags={"backend": info.name, "weight_format": info.weight_format, **info.tags},
         warnings=warnings,
     )
     grad_context = torch.inference_mode if cfg.runtime.inference_mode else contextlib.nullcontext
     with grad_context():
-        result.prefix_time_s = generator.set_shared_prefix(prompts)
-        if generator.prefix_ids:
-            log(f"shared prompt prefix: {len(generator.prefix_ids)} tokens cached in {result.prefix_time_s:.2f} s")
-        if cfg.runtime.warmup:
-            full = cfg.runtime.compile != "off"
-            result.warmup_time_s = warm_up(generator, prompts, cfg.stages.micro_batch_size, full)
-            log(f"warm-up took {result.warmup_time_s:.1f} s")
+        result.prefix_time_s, result.warmup_time_s = prepare_backend(generator, prompts, cfg, log)
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         postprocess = make_postprocess(cfg.prompt)
         if device.type == "cuda":
@@ -118,8 +141,13 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     overhead_s,
                     postprocess,
                 )
+                if cfg.stages.grader_loss:
+                    grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
                 _stage_done(result, stage, output_dir, log)
             if cfg.stages.batched:
+                if cfg.stages.single and cfg.stages.fresh_model_per_stage:
+                    generator = None  # free the previous model first, as a new course case would
+                    generator, overhead_s = _fresh_backend(cfg, prompts, log)
                 stage = run_batched(
                     generator,
                     items,
@@ -131,6 +159,8 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     postprocess=postprocess,
                     sort_by_length=cfg.stages.sort_by_length,
                 )
+                if cfg.stages.grader_loss:
+                    grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
                 _stage_done(result, stage, output_dir, log)
         except StageInterrupted as interrupted:
             result.stages.append(interrupted.partial)

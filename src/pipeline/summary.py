@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.results import RunResult
+import math
+
+from pipeline.results import RunResult, StageResult
 
 
 def _ok(flag: bool) -> str:
@@ -50,10 +52,37 @@ def format_summary(result: RunResult) -> str:
         ]
         for s in result.stages
     ]
+    graded = [s for s in result.stages if not math.isnan(s.grader_max_points)]
+    if graded:
+        side = graded[0].grader_padding_side
+        other = "left" if side == "right" else "right"
+        headers += [f"loss_{side}", f"loss_{other}", "points", "case_s", "in_limit"]
+        for row, s in zip(rows, result.stages):
+            row += _grader_cells(s)
     head = (
         f"{result.num_questions} questions, {result.dtype}, attention={result.attention}, device={result.device} "
         f"({result.environment['device_name']})\n"
         f"model load {result.load_time_s:.2f} s, warm-up {result.warmup_time_s:.2f} s "
         "(with_load counts both, as the original grader did)"
     )
-    return head + "\n" + format_table(headers, rows)
+    table = head + "\n" + format_table(headers, rows)
+    if graded:
+        table += (
+            f"\ncourse grader: loss of question + output by {graded[0].grader_loss_model}, padded on the "
+            f"tokenizer's side ({side}) and on the other; points of the first; case_s counts load, warm-up and the "
+            "loss pass"
+        )
+        table += "".join(f"\n{s.name} diagnosis: {s.grader_diagnosis}" for s in graded if s.grader_diagnosis)
+    return table
+
+
+def _grader_cells(s: StageResult) -> list[str]:
+    if math.isnan(s.grader_max_points):
+        return ["-"] * 5
+    return [
+        f"{s.grader_loss:.3f}",
+        f"{s.grader_loss_other_side:.3f}",
+        f"{s.grader_points:.2f}/{s.grader_max_points:.0f}",
+        f"{s.grader_case_time_s:.2f}",
+        _ok(s.grader_within_limit),
+    ]
