@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import mlflow
 import pytest
 from conftest import run_app
 
-from pipeline.report import Row, compare, mark_pareto
+from pipeline.report import Row, _runs_from_mlflow, _runs_from_sqlite, compare, mark_pareto
 from pipeline.report import main as report_main
 
 TINY = ["model=tiny", "prompt=raw", "dataset.num_questions=3", "generation.max_new_tokens=4"]
@@ -60,8 +64,11 @@ def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):
 
 
 def test_report_command_prints_the_table_against_a_baseline(tmp_path, capsys):
-    result = run_app(["-m", *TINY, "precision=fp32,bf16"], tmp_path)
+    result = run_app(["-m", *TINY, "precision=fp32,bf16", "tracking.baseline='precision=bf16'"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    # tracking.baseline picks the row the sweep's own comparison measures against
+    comparison = result.stdout[result.stdout.index("sweep comparison") :]
+    assert "precision=bf16 (baseline)" in comparison and "precision=fp32 (baseline)" not in comparison
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert report_main(["--uri", uri, "--baseline", "precision=bf16", "--figures", str(tmp_path / "fig")]) == 0
     out = capsys.readouterr().out
@@ -69,6 +76,20 @@ def test_report_command_prints_the_table_against_a_baseline(tmp_path, capsys):
     assert (tmp_path / "fig" / "latency_vs_accuracy.png").stat().st_size > 1000
     assert report_main(["--uri", uri, "--baseline", "precision=fp64"]) == 2
     assert report_main(["--uri", uri, "--experiment", "nope"]) == 2
+
+    # the plain SQLite read and MLflow's client see the same runs, with and without a sweep filter
+    _, parents, _ = _parent_and_children(tmp_path / "mlflow.db")
+    for sweep in (None, parents[0].info.run_id):
+        direct = _runs_from_sqlite(uri, "unit-conversion", sweep)
+        through_mlflow = _runs_from_mlflow(uri, "unit-conversion", sweep)
+        assert direct and sorted(direct, key=lambda r: r.run_id) == sorted(through_mlflow, key=lambda r: r.run_id)
+
+    # and it answers without importing MLflow, in a fraction of the seconds MLflow's import alone takes
+    code = f"import sys; from pipeline.report import main; main(['--uri', '{uri}']); print('mlflow' in sys.modules)"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "False" and "precision=bf16" in done.stdout
+    assert time.perf_counter() - start < 10
 
 
 def _row(name, single_s, accuracy):
