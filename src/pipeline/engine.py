@@ -26,6 +26,10 @@ from pipeline.errors import PipelineError
 FORMATS = ("fp32", "q8", "q4")
 
 
+class EngineUnsupported(PipelineError):
+    """The model is one the engine cannot run (backend=auto then uses transformers)."""
+
+
 @dataclass
 class Sequence:
     """One prompt on its way through the engine."""
@@ -76,7 +80,7 @@ class Layer:
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         for name, module in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
             if getattr(module, "bias", None) is not None:
-                raise PipelineError(f"backend=engine has no bias support ({name}); use backend=transformers")
+                raise EngineUnsupported(f"backend=engine has no bias support ({name}); use backend=transformers")
         self.qkv = Linear(qkv, fmt, max_kernel_rows)
         self.o = Linear(attn.o_proj.weight, fmt, max_kernel_rows)
         self.gate_up = Linear(gate_up, fmt, max_kernel_rows)
@@ -101,7 +105,7 @@ class Engine:
             raise PipelineError(f"engine weight format {fmt!r} is not one of {', '.join(FORMATS)}")
         config = model.config
         if getattr(config, "model_type", "") != "llama":
-            raise PipelineError(
+            raise EngineUnsupported(
                 f"backend=engine runs Llama-architecture models (this one is {config.model_type!r}); "
                 "use backend=transformers"
             )

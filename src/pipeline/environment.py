@@ -33,6 +33,15 @@ def cpu_model() -> str:
     return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
+def cpu_kind(flags: str | None = None) -> str:
+    """The CPU kind that decides which kernels are fast: amx, avx512_bf16, avx512, avx2 or other."""
+    present = set((flags if flags is not None else cpuinfo_field("flags") or "").split())
+    for kind, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in present:
+            return kind
+    return "other"
+
+
 def device_name(device: torch.device) -> str:
     """The GPU name for CUDA, else the CPU model."""
     import torch
@@ -71,6 +80,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "device": device.type,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_kind": cpu_kind(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "torch_version": torch.__version__,

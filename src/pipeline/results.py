@@ -119,6 +119,7 @@ class RunResult:
     status: str = "running"  # running, finished, or killed (interrupted; the stages done so far are kept)
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # logged as MLflow tags: backend choices, calibration
 
     def metrics(self) -> dict[str, float]:
         """Every numeric result: load and warm-up times, then each stage's metrics."""

@@ -8,7 +8,7 @@ dropped silently.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.config import BACKENDS, Config
@@ -26,6 +26,7 @@ class BackendInfo:
     attention: str
     source: str  # where the weights came from
     load_time_s: float
+    tags: dict[str, str] = field(default_factory=dict)  # choices worth a tag (calibrated format, ...)
 
 
 class Backend(Protocol):
@@ -69,9 +70,42 @@ def ignored_settings(cfg: Config, ignored: list[IgnoredSetting], backend: str) -
     return warnings
 
 
+def engine_refusal(cfg: Config) -> str:
+    """Why backend=auto does not pick the engine for `cfg` ('' when it does).
+
+    The engine is picked where it runs the config as asked: every setting that only transformers applies
+    (a half-precision dtype, another attention kernel, compile, a static cache, sampling, beams, a GPU)
+    sends auto to transformers, so an explicit knob is never silently dropped.
+    """
+    from pipeline.models import resolve_device
+
+    reasons = {
+        "precision": cfg.precision.name not in ("auto", "fp32", "int8", "q4"),
+        "attention": cfg.attention.implementation != "sdpa",
+        "runtime.compile": cfg.runtime.compile != "off",
+        "generation.cache_implementation": cfg.generation.cache_implementation != "dynamic",
+        "sampling or beam search": cfg.generation.do_sample or cfg.generation.num_beams != 1,
+        "generation.use_cache": not cfg.generation.use_cache,
+        "device": resolve_device(cfg.runtime.device).type != "cpu",
+    }
+    return ", ".join(key for key, applies in reasons.items() if applies)
+
+
 def load_backend(cfg: Config, log: Callable[[str], None] = print) -> tuple[Backend, list[str]]:
     """Build the backend `cfg.backend.name` names; returns it and its warnings (settings it ignores, slow knobs)."""
     name = cfg.backend.name
+    if name == "auto":
+        refusal = engine_refusal(cfg)
+        if not refusal:
+            from pipeline.backends.engine import EngineBackend, EngineUnsupported
+
+            try:
+                backend = EngineBackend(cfg, log)
+                return backend, list(backend.warnings)
+            except EngineUnsupported as unsupported:
+                refusal = str(unsupported)
+        log(f"backend=auto: transformers ({refusal})")
+        name = "transformers"
     if name == "transformers":
         from pipeline.backends.hf import TransformersBackend as factory
     elif name == "llamacpp":

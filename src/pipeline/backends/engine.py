@@ -9,9 +9,11 @@ import torch
 
 from pipeline.backends import BackendInfo, ignored_settings
 from pipeline.config import Config
-from pipeline.engine import Engine, StopTokens
+from pipeline.engine import Engine, EngineUnsupported, StopTokens
 from pipeline.errors import PipelineError
 from pipeline.results import Generation
+
+__all__ = ["EngineBackend", "EngineUnsupported", "weight_format_for"]
 
 # below this many shared tokens, a prefix is not worth keeping
 MIN_PREFIX_TOKENS = 16
@@ -33,7 +35,8 @@ class EngineBackend:
     """The course API on the engine, continuously batched over `stages.micro_batch_size` slots."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        from pipeline.models import load_model, resolve_device
+        from pipeline.calibrate import Shapes, calibrate
+        from pipeline.models import load_model, model_cache_dir, resolve_device
 
         gen = cfg.generation
         if gen.do_sample or gen.num_beams != 1:
@@ -45,19 +48,24 @@ class EngineBackend:
         if device.type != "cpu":
             raise PipelineError(f"backend=engine runs on the CPU (device is {device.type}); use backend=transformers")
         self.cfg, self.warnings = gen, ignored_settings(cfg, IGNORED, "engine")
-        fmt = weight_format_for(cfg.precision.name)
-        if not fmt:
-            if cfg.precision.name in ("bf16", "fp16", "half"):
-                self.warnings.append(
-                    f"backend=engine computes in fp32 on the CPU; precision={cfg.precision.name} is not applied"
-                )
-            fmt = default_format()
-        log(f"loading model {cfg.model.name} for the engine ({fmt} decode weights, fp32 activations)")
+        requested = weight_format_for(cfg.precision.name)
+        if not requested and cfg.precision.name in ("bf16", "fp16", "half"):
+            self.warnings.append(
+                f"backend=engine computes in fp32 on the CPU; precision={cfg.precision.name} is not applied"
+            )
         start = time.perf_counter()
         loaded = load_model(cfg.model, device, torch.float32, "sdpa", cfg.runtime.seed)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
+        fmt = requested or calibration.engine_format()
+        if requested and requested != "fp32":
+            slower = calibration.slower_than_fp32(f"engine:{fmt}")
+            if slower:
+                self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
+        rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" else 0  # an explicit format runs its kernel
+        log(f"engine: {fmt} decode weights, fp32 activations, our kernel up to {rows} rows, fp32 GEMM above")
         with torch.inference_mode():
-            self.engine = Engine(self.model, fmt, slots=1)
+            self.engine = Engine(self.model, fmt, slots=1, max_kernel_rows=rows)
         self.slots = cfg.stages.micro_batch_size
         eos = self.model.generation_config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id}
@@ -73,6 +81,12 @@ class EngineBackend:
             attention="sdpa (engine)",
             source=loaded.source,
             load_time_s=time.perf_counter() - start,
+            tags={
+                "engine_kernel_rows": str(rows),
+                "calibration": ", ".join(
+                    f"{name} {times['1']:.1f}/{times['32']:.0f} ms" for name, times in calibration.step_ms.items()
+                ),
+            },
         )
 
     def info(self) -> BackendInfo:
@@ -143,12 +157,3 @@ class EngineBackend:
         fmt = self._info.weight_format
         note = "" if fmt == "fp32" else f"; the engine decodes with {fmt} weights"
         return self.model, self.tokenizer, f"transformers fp32, same weights{note}"
-
-
-def default_format() -> str:
-    """q4 where our kernels run (lossless for the embedded Q4_1 model), else fp32."""
-    try:
-        from pipeline import kernels
-    except ImportError:
-        return "fp32"
-    return "q4" if kernels.available() else "fp32"

@@ -1,0 +1,54 @@
+"""precision=auto's calibration: its choices from measured times, its cache, and a measurement that runs."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.calibrate import ROWS, Calibration, Shapes, calibrate, measure
+
+
+def _calibration(**step_ms) -> Calibration:
+    return Calibration({name.replace("__", ":"): times for name, times in step_ms.items()}, "test cpu", 0.1)
+
+
+def _times(one: float, thirty_two: float) -> dict[str, float]:
+    """Step times growing linearly from one row to 32 rows."""
+    return {str(r): one + (thirty_two - one) * (r - 1) / 31 for r in ROWS}
+
+
+def test_auto_picks_the_fastest_engine_format_for_one_row_and_the_kernel_rows_where_it_wins():
+    cal = _calibration(engine__fp32=_times(80, 120), engine__q8=_times(20, 200), engine__q4=_times(12, 400))
+    assert cal.engine_format() == "q4"
+    # q4 crosses fp32 at r ~ 7 (12 + 388 (r-1)/31 vs 80 + 40 (r-1)/31), q8 at r ~ 14
+    assert cal.kernel_rows("q4") == 4 and cal.kernel_rows("q8") == 8
+    slow_kernels = _calibration(engine__fp32=_times(10, 100), engine__q4=_times(30, 400))
+    assert slow_kernels.engine_format() == "fp32" and slow_kernels.kernel_rows("q4") == 0
+
+
+def test_slower_than_fp32_names_the_worst_case_and_stays_quiet_within_noise():
+    cal = _calibration(
+        transformers__fp32=_times(85, 100), transformers__bf16=_times(60, 500), transformers__int8=_times(90, 105)
+    )
+    warning = cal.slower_than_fp32("transformers:bf16")
+    assert "bf16 measured 5.0x slower than fp32 for a step of 32 rows" in warning
+    assert cal.slower_than_fp32("transformers:int8") == ""  # 6% slower: noise, not a finding
+    assert cal.transformers_dtype() == "fp32"  # faster for one row, far slower for a batch: not picked
+    fast_bf16 = _calibration(transformers__fp32=_times(85, 100), transformers__bf16=_times(40, 60))
+    assert fast_bf16.transformers_dtype() == "bf16"
+
+
+def test_measure_times_every_candidate_at_every_row_count_and_the_cache_is_reused(tmp_path, monkeypatch):
+    shapes = Shapes(hidden=64, intermediate=128, qkv_out=128, vocab=1000, layers=2)
+    step_ms = measure(shapes, ["engine:fp32", "transformers:fp32"], reps=1)
+    assert set(step_ms) == {"engine:fp32", "transformers:fp32"}
+    assert all(set(times) == {str(r) for r in ROWS} and min(times.values()) > 0 for times in step_ms.values())
+
+    first = calibrate(shapes, tmp_path, log=lambda _: None)
+    saved = next((tmp_path / "calibration").glob("*.json"))
+    assert json.loads(saved.read_text())["step_ms"] == first.step_ms
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again although a calibration is cached")
+
+    monkeypatch.setattr("pipeline.calibrate.measure", refuse)
+    assert calibrate(shapes, tmp_path, log=lambda _: None).step_ms == first.step_ms
