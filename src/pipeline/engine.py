@@ -76,7 +76,12 @@ class Linear:
 class Layer:
     def __init__(self, block, fmt: str, max_kernel_rows: int):
         attn, mlp = block.self_attn, block.mlp
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        # q and k rows are reordered within each head so that rotary pairs (i, i + dim/2) sit side by side:
+        # then the rotation is one complex multiply. Attention scores are dot products of q and k, which
+        # the same reordering of both leaves unchanged; v and o keep their order.
+        head_dim = attn.head_dim
+        q, k = (_interleave_halves(w, head_dim) for w in (attn.q_proj.weight, attn.k_proj.weight))
+        qkv = torch.cat([q, k, attn.v_proj.weight])
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         for name, module in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
             if getattr(module, "bias", None) is not None:
@@ -90,11 +95,11 @@ class Layer:
         self.intermediate = mlp.gate_proj.weight.shape[0]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding in transformers' layout (rotate the two halves of each head)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _interleave_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Reorder each head's output rows from [0..d/2), [d/2..d) to 0, d/2, 1, d/2 + 1, ..."""
+    heads = weight.shape[0] // head_dim
+    per_head = weight.view(heads, 2, head_dim // 2, -1).transpose(1, 2)
+    return per_head.reshape(weight.shape).contiguous()
 
 
 class Engine:
@@ -123,7 +128,7 @@ class Engine:
         # the lm_head of a GGUF model is Q8_0: int8 groups keep it exact where int4 would not
         self.lm_head = Linear(head, "q8" if fmt == "q4" else fmt, max_kernel_rows)
         self._rotary = inner.rotary_emb
-        self.cos = self.sin = torch.empty(0)
+        self.rotations = torch.empty(0, dtype=torch.complex64)
         self.slots, self.capacity = 0, 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -153,7 +158,8 @@ class Engine:
         self.slots, self.capacity = slots, length
         positions = torch.arange(length).unsqueeze(0)
         cos, sin = self._rotary(self.embedding[:1].unsqueeze(0), positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()
+        half = self.head_dim // 2  # transformers' tables repeat the angles for the second half of a head
+        self.rotations = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [length, dim/2]
         self._write_prefix()
 
     def _write_prefix(self) -> None:
@@ -190,15 +196,14 @@ class Engine:
         gate, up = gate_up.split(layer.intermediate, dim=-1)
         return h + layer.down(F.silu(gate) * up)
 
-    def _qkv(self, layer: Layer, h: torch.Tensor, positions: torch.Tensor):
-        """Projections of the rows of `h` ([T, hidden]) with rotary embedding at `positions` ([T])."""
+    def _qkv(self, layer: Layer, h: torch.Tensor, rotations: torch.Tensor):
+        """Projections of the rows of `h` ([T, hidden]), q and k rotated by `rotations` ([T, 1, dim/2] complex)."""
         qkv = layer.qkv(self._norm(h, layer.attn_norm))
         rows, heads, kv_heads, dim = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qk = qkv[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
-        qk = _rotate(qk, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
-        q, k = qk[:, :heads], qk[:, heads:]
+        qk = torch.view_as_complex(qkv[:, : (heads + kv_heads) * dim].reshape(rows, heads + kv_heads, dim // 2, 2))
+        qk = torch.view_as_real(qk * rotations).view(rows, heads + kv_heads, dim)
         v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
-        return q, k, v
+        return qk[:, :heads], qk[:, heads:], v
 
     def _prefill(self, batch: list[tuple[int, Sequence]], logits: bool = True) -> torch.Tensor | None:
         """Run the new tokens of each (slot, sequence) as one packed sequence; returns each one's next token."""
@@ -217,8 +222,9 @@ class Engine:
             for _, start, length, _ in spans
         ]
         h = self.embedding[token_ids]
+        rotations = self.rotations[pos].unsqueeze(1)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = self._qkv(layer, h, pos)
+            q, k, v = self._qkv(layer, h, rotations)
             k_cache[slot_ids, :, pos] = k
             v_cache[slot_ids, :, pos] = v
             outputs = []
@@ -257,8 +263,9 @@ class Engine:
         # a key is visible to a row up to the row's own position (rows differ in length)
         mask = None if rows == 1 else (torch.arange(length).unsqueeze(0) > positions.unsqueeze(1))[:, None, None]
         h = self.embedding[tokens]
+        rotations = self.rotations[positions].unsqueeze(1)
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
-            q, k, v = self._qkv(layer, h, positions)
+            q, k, v = self._qkv(layer, h, rotations)
             k_cache[slot_ids, :, positions] = k
             v_cache[slot_ids, :, positions] = v
             out = self._attend_one(q, k_cache[:rows, :, :length], v_cache[:rows, :, :length], mask)
@@ -270,9 +277,11 @@ class Engine:
         """Logits of every position of one token sequence, without the cache (the reference for tests)."""
         positions = torch.arange(len(ids))
         mask = positions.unsqueeze(0) <= positions.unsqueeze(1)
+        self._ensure(self.slots, len(ids))
         h = self.embedding[torch.tensor(ids)]
+        rotations = self.rotations[positions].unsqueeze(1)
         for layer in self.layers:
-            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in self._qkv(layer, h, positions))
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in self._qkv(layer, h, rotations))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             h = h + layer.o(out[0].transpose(0, 1).reshape(len(ids), self.hidden))
             h = self._mlp(layer, h)
