@@ -111,3 +111,25 @@ def test_stop_tokens_decide_from_ids(tiny):
     cut = next(i for i in range(1, len(text) + 1) if tag.stops(text[:i]))
     assert tokenizer.decode(text[:cut]).endswith("</answer>")
     assert not any(tag.stops(text[:i]) for i in range(1, cut))
+
+
+def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
+    """The model must follow the allowed path, picks greedily where two tokens are allowed, and stops at []."""
+    tokenizer = tiny.tokenizer
+    ids = _chat(tokenizer, "How many grams are in 6 kg?")
+    with torch.inference_mode():
+        logits = Engine(tiny.model, "fp32").logits(ids)[-1]
+    a, b = 100, 200
+    preferred = a if logits[a] > logits[b] else b
+
+    class Path:
+        def allowed(self, generated):
+            steps = [[a, b], [7], [8]]
+            return steps[len(generated)] if len(generated) < len(steps) else []
+
+    engine = Engine(tiny.model, "fp32")
+    with torch.inference_mode():
+        never = StopTokens(tokenizer, None, [])
+        free, constrained = engine.generate([ids, ids], 6, never, 2, constraints=[None, Path()])
+    assert constrained.generated == [preferred, 7, 8] and not constrained.hit_budget
+    assert len(free.generated) == 6 and free.hit_budget

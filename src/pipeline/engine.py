@@ -7,7 +7,7 @@ The hot path in plain sight:
 - a preallocated KV cache with one row ("slot") per sequence; the prompt prefix all prompts share is
   computed once and written into every slot;
 - prefill of the new prompts' own tokens packed into one sequence (no padding), attention per prompt;
-- `decode_one_token`: one step for all running rows, greedy argmax inside;
+- `decode_one_token`: one step for all running rows; greedy choice (within a constraint's allowed tokens);
 - stopping on token ids found once per stop text, with no text decoding per step;
 - continuous batching: a row that stops frees its slot for the next waiting prompt, and running rows stay
   packed at the front of the cache so no step computes a finished row.
@@ -15,7 +15,9 @@ The hot path in plain sight:
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,15 @@ class Sequence:
     position: int = 0  # next cache position to write
     done: bool = False
     hit_budget: bool = False
+    constraint: Constraint | None = None
+
+
+class Constraint(Protocol):
+    """Limits which tokens a sequence may generate next (constrained decoding)."""
+
+    def allowed(self, generated: list[int]) -> Seq[int] | None:
+        """Token ids allowed after `generated` (an empty list ends the sequence; None lifts the limit)."""
+        ...
 
 
 class Linear:
@@ -206,7 +217,7 @@ class Engine:
         return qk[:, :heads], qk[:, heads:], v
 
     def _prefill(self, batch: list[tuple[int, Sequence]], logits: bool = True) -> torch.Tensor | None:
-        """Run the new tokens of each (slot, sequence) as one packed sequence; returns each one's next token."""
+        """Run the new tokens of each (slot, sequence) as one packed sequence; returns each one's last logits."""
         tokens, positions, slots = [], [], []
         spans = []  # (slot, first position, length, offset in the packed sequence)
         for slot, seq in batch:
@@ -239,7 +250,7 @@ class Engine:
         if not logits:
             return None
         last = torch.tensor([offset + length - 1 for _, _, length, offset in spans])
-        return self.lm_head(self._norm(h[last], self.norm)).argmax(dim=-1)
+        return self.lm_head(self._norm(h[last], self.norm))
 
     def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden_mask) -> torch.Tensor:
         """Attention of one new query per row ([B, heads, dim]) over the cache ([B, kv_heads, S, dim]).
@@ -256,7 +267,7 @@ class Engine:
         return torch.matmul(scores.softmax(dim=-1), values).reshape(rows, self.hidden)
 
     def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One step for the running rows 0..B-1: `tokens` [B] at `positions` [B] in; next tokens [B] out."""
+        """One step for the running rows 0..B-1: `tokens` [B] at `positions` [B] in; logits [B, vocab] out."""
         rows = tokens.shape[0]
         length = int(positions.max()) + 1
         slot_ids = torch.arange(rows)
@@ -271,7 +282,7 @@ class Engine:
             out = self._attend_one(q, k_cache[:rows, :, :length], v_cache[:rows, :, :length], mask)
             h = h + layer.o(out)
             h = self._mlp(layer, h)
-        return self.lm_head(self._norm(h, self.norm)).argmax(dim=-1)
+        return self.lm_head(self._norm(h, self.norm))
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits of every position of one token sequence, without the cache (the reference for tests)."""
@@ -296,19 +307,21 @@ class Engine:
         stopper: StopTokens,
         slots: int,
         on_first_token=None,
+        constraints: list[Constraint | None] | None = None,
     ) -> list[Sequence]:
         """Greedy generation for every prompt (token ids), `slots` rows at a time; results in prompt order.
 
         Prompts that start with the shared prefix skip it. Continuous batching: whenever rows finish,
         waiting prompts take their slots in the next prefill. `on_first_token` is called once, when the
-        first prefill has produced its tokens.
+        first prefill has produced its tokens. `constraints[i]`, where given, limits prompt i's tokens.
         """
         width = len(self.prefix)
         waiting = []
         for i, ids in enumerate(prompts):
             shared = width > 0 and len(ids) > width and ids[:width] == self.prefix
             suffix = ids[width:] if shared else list(ids)
-            waiting.append(Sequence(i, suffix, start=width if shared else 0, budget=budget, generated=[]))
+            constraint = constraints[i] if constraints else None
+            waiting.append(Sequence(i, suffix, width if shared else 0, budget, [], constraint=constraint))
         # a prompt without the prefix overwrites its slot's copy of it: put the prefix back afterwards
         overwrites = any(seq.start == 0 for seq in waiting) and width > 0
         self._mixed = overwrites
@@ -328,22 +341,31 @@ class Engine:
                     on_first_token()
                     on_first_token = None
                 running += admitted
-                self._accept(admitted, next_tokens.tolist(), stopper)
+                self._accept(admitted, next_tokens, stopper)
             else:
                 tokens = torch.tensor([seq.generated[-1] for seq in running])
                 positions = torch.tensor([seq.position for seq in running])
                 next_tokens = self.decode_one_token(tokens, positions)
                 for seq in running:
                     seq.position += 1
-                self._accept(running, next_tokens.tolist(), stopper)
+                self._accept(running, next_tokens, stopper)
             if any(seq.done for seq in running):
                 running = self._compact(running, finished)
         if overwrites:
             self._write_prefix()
         return sorted(finished, key=lambda seq: seq.index)
 
-    def _accept(self, rows: list[Sequence], tokens: list[int], stopper: StopTokens) -> None:
-        for seq, token in zip(rows, tokens):
+    def _accept(self, rows: list[Sequence], logits: torch.Tensor, stopper: StopTokens) -> None:
+        """Greedy choice of each row's next token (among the allowed ones where a constraint says), then stop rules."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, (seq, token) in enumerate(zip(rows, tokens)):
+            allowed = seq.constraint.allowed(seq.generated) if seq.constraint is not None else None
+            if allowed is not None:
+                if not allowed:  # nothing may follow: the constrained text is complete
+                    seq.done = True
+                    continue
+                choices = torch.as_tensor(allowed)
+                token = int(choices[logits[row, choices].argmax()])
             seq.generated.append(token)
             if stopper.stops(seq.generated):
                 seq.done = True
