@@ -64,12 +64,27 @@ def compose_config(overrides: list[str] | None = None) -> Config:
         with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
             cfg = compose(config_name="config", overrides=all_overrides)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineError(
-            f"cannot compose the config from overrides {all_overrides} ({reason}); fix {OVERRIDES_ENV} or the "
-            f"overrides passed to BaseLLM, the keys and options are in {folder}"
+            f"{_reason(err, all_overrides, folder)}; fix {OVERRIDES_ENV} or the overrides passed to BaseLLM"
         ) from None
     return OmegaConf.to_object(cfg)  # runs each group's checks
+
+
+def _reason(err: Exception, overrides: list[str], folder: Path) -> str:
+    """One line for a failed compose: the unknown option with the valid ones, or the bad key and why."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for override in overrides:
+        group, _, value = override.lstrip("+~").partition("=")
+        options = sorted(f.stem for f in (folder / group).glob("*.yaml")) if "/" not in group else []
+        if options and value not in (*options, "null"):
+            return f"{group}={value} is not an option; choose one of: {', '.join(options)}"
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    reason = (str(cause or err).strip().splitlines() or [type(err).__name__])[0]
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {reason}" if key else reason
 
 
 class BaseLLM:
