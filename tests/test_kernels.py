@@ -1,0 +1,213 @@
+"""The q4/q8 kernels against their references (dequantize + torch matmul), and the quantizers' losslessness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import kernels
+from pipeline.errors import PipelineError
+
+GROUP = kernels.GROUP_SIZE
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The extension, built (or loaded from ~/.cache/torch_extensions) once for the module."""
+    if not kernels.available():
+        pytest.skip(f"kernel unavailable: {kernels.unavailable_reason()}")
+
+
+def gguf_q4_1(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights as llama.cpp's Q4_1 dequantizes them: d * q + m, d and m through fp16, q 0 and 15 in every block.
+
+    Returns (w [n, k] fp32, q [n, k/32, 32] int64).
+    """
+    blocks = k // GROUP
+    q = torch.randint(0, 16, (n, blocks, GROUP), generator=generator)
+    # the quantizer maps each block's min to 0 and its max to 15, at random places
+    pos = torch.rand(n, blocks, GROUP, generator=generator).argsort(dim=-1)[..., :2]
+    q.scatter_(-1, pos[..., :1], 0)
+    q.scatter_(-1, pos[..., 1:], 15)
+    scale = torch.exp(torch.empty(n, blocks, 1).uniform_(-9, -1, generator=generator))
+    d = scale.half().float()
+    m = (-8 * scale * torch.empty(n, blocks, 1).uniform_(0.5, 1.5, generator=generator)).half().float()
+    return (d * q + m).reshape(n, k), q
+
+
+def gguf_q8_0(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights as llama.cpp's Q8_0 dequantizes them: d * q, d through fp16, |q| = 127 somewhere in every block."""
+    blocks = k // GROUP
+    q = torch.randint(-127, 128, (n, blocks, GROUP), generator=generator)
+    pos = torch.randint(0, GROUP, (n, blocks, 1), generator=generator)
+    sign = torch.randint(0, 2, (n, blocks, 1), generator=generator) * 2 - 1
+    q.scatter_(-1, pos, 127 * sign)
+    d = torch.exp(torch.empty(n, blocks, 1).uniform_(-9, -1, generator=generator)).half().float()
+    return (d * q).reshape(n, k), q
+
+
+def unpack_q4(qweight: torch.Tensor) -> torch.Tensor:
+    packed = qweight.reshape(qweight.shape[0], -1, GROUP // 2).long()
+    return torch.cat([packed & 0xF, packed >> 4], dim=-1)
+
+
+def test_q4_requantizes_gguf_q4_1_blocks_losslessly():
+    w, q = gguf_q4_1(64, 576, torch.Generator().manual_seed(0))
+    w[3, :GROUP] = 0.25  # a flat block: d = 0, every q = 0
+    q[3, 0] = 0
+    qweight, scales, mins = kernels.quantize_q4(w)
+    assert qweight.dtype == torch.uint8 and qweight.shape == (64, 288)
+    assert scales.shape == mins.shape == (64, 18) and scales.dtype == mins.dtype == torch.float32
+    assert torch.equal(unpack_q4(qweight), q)
+    back = kernels.dequantize_q4(qweight, scales, mins)
+    block_scale = w.reshape(64, -1, GROUP).abs().amax(-1, keepdim=True)
+    err = (back - w).reshape(64, -1, GROUP).abs() / block_scale
+    assert err.max() < 4 * torch.finfo(torch.float32).eps
+
+
+def test_q8_requantizes_gguf_q8_0_blocks_losslessly():
+    w, q = gguf_q8_0(64, 576, torch.Generator().manual_seed(1))
+    qweight, scales = kernels.quantize_q8(w)
+    assert qweight.dtype == torch.int8 and qweight.shape == (64, 576) and scales.shape == (64, 18)
+    assert torch.equal(qweight.reshape(64, -1, GROUP).long(), q)
+    back = kernels.dequantize_q8(qweight, scales)
+    block_scale = w.reshape(64, -1, GROUP).abs().amax(-1, keepdim=True)
+    assert ((back - w).reshape(64, -1, GROUP).abs() / block_scale).max() < 2 * torch.finfo(torch.float32).eps
+
+
+def test_quantizer_names_a_k_that_is_not_a_multiple_of_32():
+    with pytest.raises(PipelineError, match=r"\[4, 40\].*multiple of 32"):
+        kernels.quantize_q4(torch.randn(4, 40))
+
+
+@pytest.mark.slow
+def test_requantizing_the_embedded_smollm2_gguf_is_exact():
+    """A sample of the real tensors: the layers' Q4_1 and the embedding's Q8_0 round-trip bit for bit."""
+    gguf = pytest.importorskip("gguf")
+    from pipeline.models import embedded_gguf
+
+    try:
+        path = embedded_gguf()
+    except PipelineError as error:
+        pytest.skip(str(error))
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for name in ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.29.ffn_gate.weight", "token_embd.weight"]:
+        tensor = tensors[name]
+        rows = tensor.data[:2048]  # [rows, bytes per row]: the first rows are plenty and keep it quick
+        w = torch.from_numpy(gguf.quants.dequantize(rows, tensor.tensor_type).copy()).float()
+        assert w.shape == (len(rows), int(tensor.shape[0]))
+        if tensor.tensor_type.name == "Q4_1":
+            back = kernels.dequantize_q4(*kernels.quantize_q4(w))
+        else:
+            assert tensor.tensor_type.name == "Q8_0"
+            back = kernels.dequantize_q8(*kernels.quantize_q8(w))
+        assert torch.equal(back, w), name
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert (y - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+CASES = [(m, k, n) for m in (1, 3, 8, 32) for k in (576, 1536) for n in (192, 576, 1536)] + [
+    (1, 576, 49152),
+    (1, 1536, 49152),
+]
+
+
+def random_q4(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any bytes are valid q4 codes: cheaper than quantizing random floats, and every nibble value occurs."""
+    qweight = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.uint8)
+    scales = torch.rand(n, k // GROUP, generator=generator) * 0.01
+    return qweight, scales, -8 * scales * torch.rand(n, k // GROUP, generator=generator)
+
+
+def random_q8(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    qweight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    return qweight, torch.rand(n, k // GROUP, generator=generator) * 0.01
+
+
+@pytest.mark.parametrize("m,k,n", CASES)
+def test_kernels_match_dequantize_then_matmul(built, m, k, n):
+    generator = torch.Generator().manual_seed(m * 7 + k + n)
+    x = torch.randn(m, k, generator=generator)
+    q4 = random_q4(n, k, generator)
+    _check(torch.ops.pipeline.q4_linear(x, *q4), x @ kernels.dequantize_q4(*q4).t())
+    q8 = random_q8(n, k, generator)
+    _check(torch.ops.pipeline.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
+
+
+@pytest.mark.parametrize("shape", [(64,), (2, 5, 64), (0, 64)])
+def test_leading_dimensions_and_odd_n(built, shape):
+    """x [..., K] -> y [..., N]; N = 7 leaves a remainder after every tile of weight rows."""
+    w = torch.randn(7, 64)
+    x = torch.randn(shape)
+    q4 = kernels.quantize_q4(w)
+    y = kernels.q4_linear(x, *q4)
+    assert y.shape == (*shape[:-1], 7)
+    if x.numel():
+        _check(y, x @ kernels.dequantize_q4(*q4).t())
+
+
+def test_results_do_not_depend_on_the_thread_count(built):
+    w, x = torch.randn(1536, 576), torch.randn(5, 576)
+    q4 = kernels.quantize_q4(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.q4_linear(x, *q4)
+        torch.set_num_threads(max(2, threads))
+        many = kernels.q4_linear(x, *q4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)  # each output is summed by one thread in one order
+
+
+def test_bad_inputs_give_messages_that_name_the_problem(built):
+    q4 = kernels.quantize_q4(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.pipeline.q4_linear(torch.randn(2, 48), *q4)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.pipeline.q4_linear(torch.randn(2, 64, dtype=torch.float64), *q4)
+    with pytest.raises(RuntimeError, match=r"expected \[N, K/2\]"):
+        torch.ops.pipeline.q4_linear(torch.randn(2, 128), *q4)
+
+
+def test_fallback_is_dequantize_then_matmul(monkeypatch):
+    """Without the extension (no compiler, no AVX2, or disabled) the same functions still compute y."""
+    monkeypatch.setattr(kernels, "_state", kernels._State())
+    monkeypatch.setenv("PIPELINE_DISABLE_KERNELS", "1")
+    assert not kernels.available()
+    assert "PIPELINE_DISABLE_KERNELS" in kernels.unavailable_reason()
+    w, x = torch.randn(96, 128), torch.randn(3, 128)
+    q4, q8 = kernels.quantize_q4(w), kernels.quantize_q8(w)
+    _check(kernels.q4_linear(x, *q4), x @ kernels.dequantize_q4(*q4).t())
+    _check(kernels.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
+
+
+def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this extension does not build\n")
+    monkeypatch.setattr(kernels, "_state", kernels._State())
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setattr(kernels, "_EXTENSION_NAME", "pipeline_qlinear_broken")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.delenv("PIPELINE_DISABLE_KERNELS", raising=False)
+    assert not kernels.available()
+    assert kernels.unavailable_reason().startswith("building broken.cpp failed")
+    q8 = kernels.quantize_q8(torch.randn(16, 64))
+    x = torch.randn(2, 64)
+    _check(kernels.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
+
+
+def test_fake_implementations_let_torch_compile_trace_the_ops(built):
+    q4 = kernels.quantize_q4(torch.randn(64, 64))
+    q8 = kernels.quantize_q8(torch.randn(40, 64))
+
+    def two_layers(x):
+        return kernels.q8_linear(torch.relu(kernels.q4_linear(x, *q4)), *q8)
+
+    x = torch.randn(2, 3, 64)
+    compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")
+    _check(compiled(x), two_layers(x))
+    torch.library.opcheck(torch.ops.pipeline.q4_linear.default, (x, *q4), test_utils=("test_schema", "test_faketensor"))
