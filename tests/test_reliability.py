@@ -185,6 +185,12 @@ def test_unreachable_store_keeps_results_and_sync_logs_them_once(tmp_path, store
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     assert runs.iloc[0]["tags.mlflow.runName"] == "kept-offline"  # tracking.run_name
     assert runs.iloc[0]["metrics.batched/num_questions"] == 2 and runs.iloc[0]["params.precision.name"] == "auto"
+    # the dataset input and the predictions table come from the folder too, once however often it is synced
+    client = mlflow.MlflowClient()
+    (dataset_input,) = client.get_run(runs.iloc[0]["run_id"]).inputs.dataset_inputs
+    assert dataset_input.dataset.name == "unit_conversion"
+    table = client.load_table(runs.iloc[0]["experiment_id"], "predictions.json", run_ids=[runs.iloc[0]["run_id"]])
+    assert len(table) == 4
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ SWEEP = ["precision=fp32,bf16", "attention=eager,sdpa"]
 
 
 def _parent_and_children(db):
+    mlflow.set_tracking_uri(f"sqlite:///{db}")  # MlflowClient.load_table searches the global store
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("unit-conversion")
     runs = client.search_runs([experiment.experiment_id])
@@ -48,7 +49,11 @@ def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, launcher):
         for metric in ("single/wall_time_s", "batched/wall_time_s", "batched/accuracy", "load_time_s"):
             assert metric in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.txt", "comparison.csv", "latency_vs_accuracy.png", "speedup.png", "multirun.yaml"} <= artifacts
+    assert {"comparison.txt", "comparison.csv", "comparison.json", "latency_vs_accuracy.png", "speedup.png",
+            "multirun.yaml"} <= artifacts  # fmt: skip
+    table = client.load_table(parent.info.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
+    assert sorted(table["run"]) == sorted(c.data.tags["mlflow.runName"] for c in children)
+    assert table["baseline"].sum() == 1 and table["speedup_single"][table["baseline"]].iloc[0] == 1.0
 
 
 def test_a_failing_job_is_marked_failed_and_the_sweep_goes_on(tmp_path):

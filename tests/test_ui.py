@@ -1,4 +1,4 @@
-"""The MLflow UI in a real headless Chromium shows the experiment, a sweep's parent, its children and accuracy."""
+"""The MLflow UI in a real headless Chromium shows a sweep's parent, its children, accuracy and the data set."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def test_mlflow_ui_shows_the_sweep_its_children_and_accuracy(tmp_path):
 
             page.goto(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{child.info.run_id}")
             page.get_by_text("batched/accuracy", exact=True).first.wait_for(timeout=60000)
+            # the evaluation set, logged with log_input, is listed among the run's datasets by name
+            page.get_by_text("unit_conversion").first.wait_for(timeout=30000)
             page.screenshot(path=str(SCREENSHOTS / "mlflow_ui_child_run.png"))
             browser.close()
     finally:

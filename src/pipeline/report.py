@@ -34,6 +34,9 @@ class Row:
     speedup_batched: float = math.nan
     accuracy_change: float = math.nan
     pareto: bool = False
+    # the course grader's points of both stages together, and of how many (see pipeline.grader)
+    grader_points: float = math.nan
+    grader_max_points: float = math.nan
 
 
 @dataclass
@@ -69,9 +72,17 @@ def rows_from_runs(runs: list[StoredRun]) -> list[Row]:
                 single_tokens_per_s=_metric(run, "single/tokens_per_s"),
                 batched_tokens_per_s=_metric(run, "batched/tokens_per_s"),
                 accuracy=accuracy,
+                grader_points=_stages_sum(run, "grader_points"),
+                grader_max_points=_stages_sum(run, "grader_max_points"),
             )
         )
     return rows
+
+
+def _stages_sum(run: StoredRun, name: str) -> float:
+    """A stage metric summed over the stages that have it; NaN when none does."""
+    values = [v for v in (_metric(run, f"{stage}/{name}") for stage in ("single", "batched")) if not math.isnan(v)]
+    return sum(values) if values else math.nan
 
 
 def matches(row: Row, baseline: str) -> bool:
@@ -126,7 +137,7 @@ def _f(value: float, fmt: str) -> str:
 def table(rows: list[Row], base: Row | None) -> str:
     """The comparison as a fixed-width text table (also valid to read as plain text in MLflow)."""
     headers = ["run", "status", "single_s", "batched_s", "single tok/s", "batched tok/s", "speed-up single",
-               "speed-up batched", "accuracy", "Δ accuracy", "pareto"]  # fmt: skip
+               "speed-up batched", "accuracy", "Δ accuracy", "course points", "pareto"]  # fmt: skip
     body = [
         [
             r.name + (" (baseline)" if r is base else ""),
@@ -139,11 +150,30 @@ def table(rows: list[Row], base: Row | None) -> str:
             _f(r.speedup_batched, ".2f") + "x",
             _f(r.accuracy, ".3f"),
             _f(r.accuracy_change, "+.3f"),
+            _f(r.grader_points, ".1f") + ("" if math.isnan(r.grader_max_points) else f"/{r.grader_max_points:.0f}"),
             "*" if r.pareto else "",
         ]  # fmt: skip
         for r in rows
     ]
     return format_table(headers, body)
+
+
+def columns(rows: list[Row], base: Row | None) -> dict[str, list]:
+    """The comparison as named columns of plain values: the sweep's CSV file and its MLflow table."""
+    return {
+        "run": [r.name for r in rows],
+        "baseline": [r is base for r in rows],
+        "status": [r.status for r in rows],
+        "single_s": [r.single_s for r in rows],
+        "batched_s": [r.batched_s for r in rows],
+        "single_tokens_per_s": [r.single_tokens_per_s for r in rows],
+        "batched_tokens_per_s": [r.batched_tokens_per_s for r in rows],
+        "speedup_single": [r.speedup_single for r in rows],
+        "speedup_batched": [r.speedup_batched for r in rows],
+        "accuracy": [r.accuracy for r in rows],
+        "accuracy_change": [r.accuracy_change for r in rows],
+        "pareto": [r.pareto for r in rows],
+    }
 
 
 def figures(rows: list[Row], folder: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """Hydra callback that groups a multirun in MLflow: one parent run per sweep, each job a nested child.
 
-When the sweep ends, the parent gets the comparison table (text and CSV) and two figures, and the
-table is printed. The parent run id travels to the jobs through `parent_run.json` in the sweep
+When the sweep ends, the parent gets the comparison (an MLflow table, text and CSV) and two figures, and
+the table is printed. The parent run id travels to the jobs through `parent_run.json` in the sweep
 folder, so it works with any launcher (basic, joblib, submitit), in or out of process.
 """
 
@@ -77,15 +77,14 @@ class MlflowSweepCallback(Callback):
             text = report.table(rows, base)
             print(f"\nsweep comparison (MLflow parent run {run_id}):\n{text}", flush=True)
             client.log_text(run_id, text, "comparison.txt")
+            columns = report.columns(rows, base)
+            client.log_table(run_id, columns, "comparison.json")  # shown as a table in the MLflow UI
             with tempfile.TemporaryDirectory() as tmp:
                 table_csv = Path(tmp) / "comparison.csv"
                 with open(table_csv, "w", newline="") as handle:
                     writer = csv.writer(handle)
-                    writer.writerow(["run", "status", "single_s", "batched_s", "speedup_single", "speedup_batched",
-                                     "accuracy", "accuracy_change", "pareto"])  # fmt: skip
-                    for r in rows:
-                        writer.writerow([r.name, r.status, r.single_s, r.batched_s, r.speedup_single,
-                                         r.speedup_batched, r.accuracy, r.accuracy_change, r.pareto])  # fmt: skip
+                    writer.writerow(columns)
+                    writer.writerows(zip(*columns.values()))
                 client.log_artifact(run_id, str(table_csv))
                 for figure in report.figures(rows, Path(tmp)):
                     client.log_artifact(run_id, str(figure))

@@ -9,6 +9,9 @@ seconds, not MLflow's retries.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -17,10 +20,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
-from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE
+from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE, Prediction
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 TRACKING_FILE = "tracking.json"  # in the run folder: where the run was (to be) logged
+DATASET_FILE = "dataset.json"  # in the run folder: name, digest and source of the questions the run evaluated
+PREDICTIONS_TABLE = "predictions.json"  # the predictions as an MLflow table (the UI shows it as one)
 FOLDER_TAG = "run_folder"
 STATUS_BY_RESULT = {"finished": "FINISHED", "killed": "KILLED", "running": "FAILED", "failed": "FAILED"}
 
@@ -183,6 +188,7 @@ def start_run(
 
     With `parent_run_id` the run is nested under a sweep's parent run.
     """
+    _write_dataset_file(output_dir, config)  # first: the folder keeps it even when the store is down
     client = client_for(uri)
     experiment_id = ensure_experiment(client, experiment, uri)
     tags = {FOLDER_TAG: str(Path(output_dir).resolve())}
@@ -200,6 +206,33 @@ def _write_tracking_file(output_dir: Path, uri: str, experiment: str, run_name: 
     (Path(output_dir) / TRACKING_FILE).write_text(json.dumps(record, indent=2))
 
 
+def dataset_record(config: dict) -> dict | None:
+    """Name, digest, source and size of the questions a run with `config` evaluates; None when unreadable.
+
+    The digest covers exactly the questions and answers used (the first `dataset.num_questions`), so runs
+    on the same questions share it and any change to them shows.
+    """
+    from pipeline.data import load_items, select
+    from pipeline.datagen import DEFAULT_PATH
+
+    dataset = config.get("dataset") or {}
+    path = Path(dataset.get("path") or DEFAULT_PATH).expanduser().resolve()
+    try:
+        items, _ = select(load_items(path), int(dataset.get("num_questions") or 32))
+    except (PipelineError, ValueError, TypeError):  # the run itself reports a bad data set
+        return None
+    content = json.dumps([[item.question, item.answer] for item in items], ensure_ascii=False)
+    digest = hashlib.sha256(content.encode()).hexdigest()[:8]
+    return {"name": path.stem, "digest": digest, "source": str(path), "num_rows": len(items)}
+
+
+def _write_dataset_file(output_dir: Path, config: dict) -> None:
+    record = dataset_record(config)
+    if record is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / DATASET_FILE).write_text(json.dumps(record, indent=2))
+
+
 def note_intended_tracking(output_dir: Path, uri: str, experiment: str, run_name: str) -> None:
     """Record where the run should have been logged, for `pipeline.sync`, when the store was unreachable."""
     _write_tracking_file(output_dir, uri, experiment, run_name, None)
@@ -213,10 +246,14 @@ def _log_params(client, run_id: str, config: dict) -> None:
         client.log_batch(run_id, params=[Param(k, v) for k, v in params[begin : begin + 100]])
 
 
-def _log_folder(client, run_id: str, output_dir: Path) -> str:
-    """Metrics, tags and artifacts from a run folder; returns the result status ('finished', 'killed', ...)."""
+def _log_folder(client, run_id: str, output_dir: Path, config: dict | None = None) -> str:
+    """Metrics, tags, artifacts, the data set input and the predictions table from a run folder.
+
+    Returns the result status ('finished', 'killed', ...). Safe to repeat: nothing is logged twice.
+    """
     from mlflow.entities import Metric, RunTag
 
+    _log_dataset(client, run_id, output_dir, config or {})
     results_file = output_dir / RESULTS_FILE
     if not results_file.is_file():
         return "failed"
@@ -244,7 +281,47 @@ def _log_folder(client, run_id: str, output_dir: Path) -> str:
     hydra_dir = output_dir / ".hydra"
     if hydra_dir.is_dir():
         client.log_artifacts(run_id, str(hydra_dir), ".hydra")
+    _log_predictions_table(client, run_id, output_dir)
     return results.get("status", "failed")
+
+
+def _log_dataset(client, run_id: str, output_dir: Path, config: dict) -> None:
+    """The evaluation set as the run's dataset input (MLflow's log_input): name, digest, source file."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    file = output_dir / DATASET_FILE
+    record = json.loads(file.read_text()) if file.is_file() else dataset_record(config)
+    if record is None:
+        return
+    schema = {"mlflow_colspec": [{"type": "string", "name": "question", "required": True},
+                                 {"type": "double", "name": "answer", "required": True}]}  # fmt: skip
+    dataset = Dataset(
+        name=record["name"],
+        digest=record["digest"],
+        source_type="local",
+        source=json.dumps({"uri": record["source"]}),
+        schema=json.dumps(schema),
+        profile=json.dumps({"num_rows": record["num_rows"]}),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])])
+
+
+def predictions_table(predictions_csv: Path) -> dict[str, list]:
+    """predictions.csv as typed columns (numbers as numbers, booleans as booleans), for MLflow's log_table."""
+    convert = {"int": int, "float": float, "bool": lambda text: text == "True", "str": str}
+    types = {f.name: convert.get(str(f.type), str) for f in dataclasses.fields(Prediction)}
+    with open(predictions_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = list(rows[0]) if rows else list(types)
+    return {name: [types.get(name, str)(row[name]) for row in rows] for name in columns}
+
+
+def _log_predictions_table(client, run_id: str, output_dir: Path) -> None:
+    file = output_dir / PREDICTIONS_FILE
+    # log_table appends to a table that exists: log it once, so a later sync adds no second copy of the rows
+    if not file.is_file() or PREDICTIONS_TABLE in {a.path for a in client.list_artifacts(run_id)}:
+        return
+    client.log_table(run_id, predictions_table(file), PREDICTIONS_TABLE)
 
 
 def finish_run(
@@ -256,7 +333,7 @@ def finish_run(
     """
     client = client_for(uri)
     client.log_dict(run_id, config, "config.json")
-    result_status = _log_folder(client, run_id, Path(output_dir))
+    result_status = _log_folder(client, run_id, Path(output_dir), config)
     if error:
         client.set_tag(run_id, "error", error[:5000])
     for job_log in Path(output_dir).glob("*.log"):
@@ -293,7 +370,7 @@ def sync_folder(output_dir: Path, uri: str | None = None, experiment: str | None
         run_id, created = run.info.run_id, True
         _log_params(client, run_id, config)
         client.log_dict(run_id, config, "config.json")
-    result_status = _log_folder(client, run_id, output_dir)
+    result_status = _log_folder(client, run_id, output_dir, config)
     if created or client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, STATUS_BY_RESULT.get(result_status, "FAILED"))
     return run_id, created
