@@ -58,6 +58,15 @@ def tiny_fp32():
     return load_model(ModelConfig(name="tiny", source="tiny"), torch.device("cpu"), torch.float32, "sdpa")
 
 
+@pytest.fixture(scope="session")
+def saved_tiny(tiny_fp32, tmp_path_factory):
+    """The tiny model saved as a transformers folder, as `model=local model.path=FOLDER` takes it."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_fp32.model.save_pretrained(folder)
+    tiny_fp32.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
-import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +20,11 @@ from conftest import ROOT, run_app
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import GenerationConfig
+from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.data import load_items
 from pipeline.errors import PipelineError
 from pipeline.generation import Generator
+from pipeline.models import load_model
 from pipeline.stages import StageInterrupted, run_batched, run_single
 from pipeline.sync import main as sync_main
 
@@ -230,10 +232,26 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
     assert len(runs) == 1 and runs.iloc[0]["status"] == "KILLED"
 
 
-def test_trust_remote_code_only_when_asked():
-    text = (ROOT / "src" / "pipeline" / "models.py").read_text()
-    assert "trust_remote_code=True" not in text
-    assert os.path.exists(ROOT / "conf" / "model" / "smollm2-360m.yaml")
+def test_trust_remote_code_only_when_asked(saved_tiny, tmp_path):
+    """A model folder that ships its own Python runs none of it unless model.trust_remote_code=true."""
+    folder, ran = tmp_path / "custom", tmp_path / "ran.txt"
+    shutil.copytree(saved_tiny, folder)
+    (folder / "custom_model.py").write_text(
+        f"from pathlib import Path\nPath({str(ran)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "custom_llama"
+    config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig(name="local", source="local", path=str(folder))
+    with pytest.raises(PipelineError, match="runs Python code of its own.*model.trust_remote_code=true"):
+        load_model(cfg, torch.device("cpu"), torch.float32, "sdpa")
+    assert not ran.exists()
+    trusted = load_model(dataclasses.replace(cfg, trust_remote_code=True), torch.device("cpu"), torch.float32, "sdpa")
+    assert ran.exists() and type(trusted.model).__name__ == "CustomModel"
 
 
 def test_fp16_on_cpu_warns_with_the_faster_alternative(tmp_path):

@@ -239,6 +239,11 @@ def _loading(what: str, fix: str, attention: str):
     except PipelineError:
         raise
     except Exception as err:
+        if "trust_remote_code" in str(err) or "contains custom code" in str(err):
+            raise PipelineError(
+                f"{what} runs Python code of its own, which is off by default; read that code, and set "
+                "model.trust_remote_code=true only if you trust it"
+            ) from err
         problem = _attention_error(err, attention) or PipelineError(f"{what} will not load ({_first_line(err)}); {fix}")
         raise problem from err
 
