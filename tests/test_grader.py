@@ -9,7 +9,7 @@ import torch
 
 from pipeline.data import load_items
 from pipeline.grader import CASES, FULL_POINTS_LOSS, ZERO_POINTS_LOSS, diagnose, grade_stage, grader_loss, grader_points
-from pipeline.results import Generation, finish_stage
+from pipeline.results import Prediction, StageResult
 
 # 32 fixed texts of different lengths: the first 32 questions, each with an output as the course concatenates it
 QUESTIONS = [item.question for item in load_items()[:32]]
@@ -117,6 +117,20 @@ def test_diagnosis_names_each_cause_and_its_fix():
     assert "; " in both and "cut at" in both and "over the 40 s limit" in both
 
 
+def _stage(name: str, outputs: list[str], wall_time_s: float, budget_s: float, num_cut: int = 0) -> StageResult:
+    """A finished stage whose outputs are `outputs` for the first questions; the first `num_cut` hit the budget."""
+    predictions = [
+        Prediction(name, i, q, 1.0, o, math.nan, False, 0.1, 5, "", i < num_cut)
+        for i, (q, o) in enumerate(zip(QUESTIONS, outputs))
+    ]
+    return StageResult(
+        name=name, wall_time_s=wall_time_s, generated_tokens=5 * len(outputs), tokens_per_s=1.0, accuracy=0.0,
+        answer_rate=1.0, num_questions=len(outputs), budget_s=budget_s, within_budget=True,
+        within_budget_with_load=True, latency_p50_s=0.1, latency_p90_s=0.1, latency_max_s=0.1,
+        num_hit_budget=num_cut, predictions=predictions,
+    )  # fmt: skip
+
+
 class _LossBackend:
     def __init__(self, loaded):
         self.loaded = loaded
@@ -126,9 +140,7 @@ class _LossBackend:
 
 
 def test_grade_stage_fills_the_stage_and_counts_the_loss_pass(tiny_fp32, side_losses):
-    items = load_items()[:32]
-    generations = [Generation(o, 5, 0.1, 0.01, hit_budget=i < 2) for i, o in enumerate(OUTPUTS)]
-    stage = finish_stage("batched", items, generations, [(o, "") for o in OUTPUTS], 1.5, 0.05, 15.0, 0.0, 32)
+    stage = _stage("batched", OUTPUTS, wall_time_s=1.5, budget_s=15.0, num_cut=2)
     grade_stage(stage, _LossBackend(tiny_fp32), construction_s=4.0, max_new_tokens=20, prompt_style="tool")
     assert stage.grader_loss == pytest.approx(side_losses["right"]) and stage.grader_padding_side == "right"
     assert stage.grader_loss_other_side == pytest.approx(side_losses["left"])
@@ -142,9 +154,7 @@ def test_grade_stage_fills_the_stage_and_counts_the_loss_pass(tiny_fp32, side_lo
 
 
 def test_a_case_over_its_limit_scores_nothing(tiny_fp32):
-    items = load_items()[:4]
-    generations = [Generation(o, 5, 0.1, 0.01) for o in OUTPUTS[:4]]
-    stage = finish_stage("single", items, generations, [(o, "") for o in OUTPUTS[:4]], 39.0, 0.05, 40.0, 0.0, 1)
+    stage = _stage("single", OUTPUTS[:4], wall_time_s=39.0, budget_s=40.0)
     grade_stage(stage, _LossBackend(tiny_fp32), construction_s=3.0, max_new_tokens=20)
     assert not stage.grader_within_limit and stage.grader_points == 0 and stage.grader_max_points == 10
     assert "over the 40 s limit" in stage.grader_diagnosis
