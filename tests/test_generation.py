@@ -17,7 +17,7 @@ def _prompts(tokenizer, n=6):
 
 
 def test_batched_greedy_equals_single_token_for_token(tiny_fp32):
-    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=12, stop_string=None))
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=12, stop_string=""))
     prompts = _prompts(tiny_fp32.tokenizer)
     with torch.inference_mode():
         batched = generator.batched_generate(prompts)
@@ -29,7 +29,7 @@ def test_batched_greedy_equals_single_token_for_token(tiny_fp32):
 
 
 def test_max_new_tokens_bounds_the_count(tiny_fp32):
-    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=3, stop_string=None))
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=3, stop_string=""))
     with torch.inference_mode():
         results = generator.batched_generate(_prompts(tiny_fp32.tokenizer, 3))
     assert all(g.num_tokens <= 3 for g in results)
@@ -62,7 +62,7 @@ def test_stop_at_text_counts_eos_rows(tiny_fp32):
 
 def test_stop_string_is_applied_by_generate(tiny_fp32):
     """A stop string the random model emits early ends generation right after it."""
-    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=16, stop_string=None))
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=16, stop_string=""))
     prompt = _prompts(tiny_fp32.tokenizer, 1)[0]
     with torch.inference_mode():
         free = generator.generate(prompt)
@@ -97,3 +97,41 @@ def test_shared_prefix_cache_changes_nothing_but_speed(tiny_fp32):
 def test_no_prefix_cache_for_prompts_that_share_little(tiny_fp32):
     generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=4))
     assert generator.set_shared_prefix(["How many g in 1 kg?", "Convert 3 h to min."]) == 0.0
+
+
+def test_sampling_follows_the_seed_and_top_k_1_is_greedy(tiny_fp32):
+    prompts = _prompts(tiny_fp32.tokenizer, 3)
+    greedy = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=8, stop_string=""))
+    sampled = Generator(
+        tiny_fp32.model,
+        tiny_fp32.tokenizer,
+        GenerationConfig(max_new_tokens=8, stop_string="", do_sample=True, temperature=1.5, top_k=0, top_p=1.0),
+    )
+    top_1 = GenerationConfig(max_new_tokens=8, stop_string="", do_sample=True, top_k=1)
+    only_best = Generator(tiny_fp32.model, tiny_fp32.tokenizer, top_1)
+    with torch.inference_mode():
+        expected = [g.text for g in greedy.batched_generate(prompts)]
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            runs.append([g.text for g in sampled.batched_generate(prompts)])
+        torch.manual_seed(5)
+        assert [g.text for g in only_best.batched_generate(prompts)] == expected  # one candidate: the argmax
+    assert runs[0] == runs[1]  # same seed, same samples
+    assert runs[0] != runs[2] and runs[0] != expected  # another seed, or greedy, differs
+
+
+def test_beam_search_runs_single_and_batched_alike(tiny_fp32):
+    prompts = _prompts(tiny_fp32.tokenizer, 3)
+    three_beams = GenerationConfig(max_new_tokens=6, stop_string="", num_beams=3)
+    beams = Generator(tiny_fp32.model, tiny_fp32.tokenizer, three_beams)
+    greedy = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=6, stop_string=""))
+    assert beams._generate_kwargs(None)["num_beams"] == 3
+    assert beams.set_shared_prefix(prompts) == 0.0  # a shared prefix cache cannot follow reordered beams
+    with torch.inference_mode():
+        batched = beams.batched_generate(prompts)
+        single = [beams.generate(p) for p in prompts]
+        expected = [g.text for g in greedy.batched_generate(prompts)]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(0 < g.num_tokens <= 6 for g in batched)
+    assert [g.text for g in batched] != expected  # three beams find other continuations than greedy here

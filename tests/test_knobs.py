@@ -58,11 +58,11 @@ def test_int8_precision_runs_the_stages_on_the_tiny_model():
 
 def test_static_cache_gives_the_same_greedy_tokens(tiny_fp32):
     _, prompts = _prompts(tiny_fp32.tokenizer, 4)
-    dynamic = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=6, stop_string=None))
+    dynamic = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=6, stop_string=""))
     static = Generator(
         tiny_fp32.model,
         tiny_fp32.tokenizer,
-        GenerationConfig(max_new_tokens=6, stop_string=None, cache_implementation="static"),
+        GenerationConfig(max_new_tokens=6, stop_string="", cache_implementation="static"),
     )
     assert "cache_implementation" not in dynamic._generate_kwargs(None)
     assert static._generate_kwargs(None)["cache_implementation"] == "static"
@@ -70,23 +70,44 @@ def test_static_cache_gives_the_same_greedy_tokens(tiny_fp32):
         assert [g.text for g in static.batched_generate(prompts)] == [g.text for g in dynamic.batched_generate(prompts)]
 
 
+class _Recording:
+    """A generator that notes the prompts of every batched call, so a test sees how micro-batches were formed."""
+
+    def __init__(self, inner: Generator):
+        self.inner, self.batches = inner, []
+
+    def prompt_lengths(self, prompts):
+        return self.inner.prompt_lengths(prompts)
+
+    def batched_generate(self, prompts, max_new_tokens=None):
+        self.batches.append(list(prompts))
+        return self.inner.batched_generate(prompts, max_new_tokens)
+
+
 def test_length_sorted_micro_batches_keep_the_data_set_order(tiny_fp32):
     items, prompts = _prompts(tiny_fp32.tokenizer, 7)
-    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=5, stop_string=None))
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=5, stop_string=""))
+    lengths = dict(zip(prompts, generator.prompt_lengths(prompts)))
+    by_length = sorted(prompts, key=lambda p: lengths[p])
+    assert by_length != prompts  # the data set's order is not already sorted: sorting has something to do
+    plain, ordered = _Recording(generator), _Recording(generator)
     with torch.inference_mode():
-        plain = run_batched(generator, items, prompts, 0.05, 15.0, 7)
-        # micro-batches of 2: sorting changes which prompts share a batch, not the answers or their order
+        plain_stage = run_batched(plain, items, prompts, 0.05, 15.0, 2)
+        sorted_stage = run_batched(ordered, items, prompts, 0.05, 15.0, 2, sort_by_length=True)
         one_by_one = [generator.generate(p).text for p in prompts]
-        sorted_stage = run_batched(generator, items, prompts, 0.05, 15.0, 2, sort_by_length=True)
+    # micro-batches of 2: in data-set order without sorting, in order of token length with it
+    assert plain.batches == [prompts[i : i + 2] for i in range(0, 7, 2)]
+    assert ordered.batches == [by_length[i : i + 2] for i in range(0, 7, 2)]
+    # results come back in the data set's order, with the same answers whichever prompts shared a batch
     assert [p.question for p in sorted_stage.predictions] == [item.question for item in items]
-    assert [p.output for p in sorted_stage.predictions] == one_by_one == [p.output for p in plain.predictions]
+    assert [p.output for p in sorted_stage.predictions] == one_by_one == [p.output for p in plain_stage.predictions]
 
 
 @pytest.mark.slow
 def test_compile_reaches_generate_and_keeps_greedy_tokens(tiny_fp32):
     """runtime.compile makes transformers compile the decode step (static cache) on CPU too."""
     _, prompts = _prompts(tiny_fp32.tokenizer, 2)
-    cfg = GenerationConfig(max_new_tokens=4, stop_string=None)
+    cfg = GenerationConfig(max_new_tokens=4, stop_string="")
     eager = Generator(tiny_fp32.model, tiny_fp32.tokenizer, cfg)
     compiled = Generator(tiny_fp32.model, tiny_fp32.tokenizer, cfg, compile_mode="default")
     kwargs = compiled._generate_kwargs(None)

@@ -121,7 +121,7 @@ class _FlakyGenerator:
 
 def _tiny_setup(tiny_fp32, n=8):
     items = load_items()[:n]
-    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=4, stop_string=None))
+    generator = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=4, stop_string=""))
     return items, [item.question for item in items], generator
 
 
