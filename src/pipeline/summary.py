@@ -68,9 +68,9 @@ def format_summary(result: RunResult) -> str:
     table = head + "\n" + format_table(headers, rows)
     if graded:
         table += (
-            f"\ncourse grader: loss of question + output by {graded[0].grader_loss_model}, padded on the "
-            f"tokenizer's side ({side}) and on the other; points of the first; case_s counts load, warm-up and the "
-            "loss pass"
+            f"\ncourse grader: loss of question + output padded on the tokenizer's side ({side}) and on the other, "
+            "points from the first; case_s counts load, warm-up and the loss pass; loss model: "
+            f"{graded[0].grader_loss_model}"
         )
         table += "".join(f"\n{s.name} diagnosis: {s.grader_diagnosis}" for s in graded if s.grader_diagnosis)
     return table
