@@ -42,6 +42,8 @@ def test_measure_times_every_candidate_at_every_row_count_and_the_cache_is_reuse
     step_ms = measure(shapes, ["engine:fp32", "transformers:fp32"], reps=1)
     assert set(step_ms) == {"engine:fp32", "transformers:fp32"}
     assert all(set(times) == {str(r) for r in ROWS} and min(times.values()) > 0 for times in step_ms.values())
+    # a step of fewer rows is never reported slower than one of more rows (noise is not a finding)
+    assert all(times[str(a)] <= times[str(b)] for times in step_ms.values() for a, b in zip(ROWS, ROWS[1:]))
 
     first = calibrate(shapes, tmp_path, log=lambda _: None)
     saved = next((tmp_path / "calibration").glob("*.json"))
