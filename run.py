@@ -6,6 +6,7 @@ python run.py -m precision=fp32,bf16 attention=eager,sdpa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> int:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     launch_dir = Path(hydra.utils.get_original_cwd())
     config_dict = OmegaConf.to_container(cfg, resolve=True)
+    config_dict["generation"] = dataclasses.asdict(config.generation)  # as used: the prompt's requests filled in
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM ends the run like Ctrl-C: results kept
 
     tracking = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import CONF, run_app
 from omegaconf import OmegaConf
 
-from pipeline.config import Config
+from pipeline.config import Config, GenerationConfig, PromptConfig, load_config
 from pipeline.errors import PipelineError
 
 GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
@@ -58,6 +60,71 @@ def test_defaults_are_the_embedded_model_optimized(compose_cfg):
     assert cot.generation.stop_string == "</answer>" and cot.generation.max_new_tokens == 48
     assert config.runtime.inference_mode and config.runtime.warmup
     assert config.dataset.num_questions == 32 and config.stages.micro_batch_size == 32
+
+
+def differences(a, b, prefix: str = "") -> list[str]:
+    """Every field where two configs differ, as 'group.key: a != b' (empty when equal)."""
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        return [d for f in dataclasses.fields(a) for d in differences(getattr(a, f.name), getattr(b, f.name),
+                                                                        f"{prefix}{f.name}.")]  # fmt: skip
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["prompt=cot", "precision=fp32"], ["experiment=seed_before"], ["model=tiny", "generation.max_new_tokens=7"]],
+)
+def test_load_config_is_what_run_py_composes(compose_cfg, overrides):
+    assert differences(load_config(overrides), OmegaConf.to_object(compose_cfg(overrides))) == []
+
+
+def test_python_defaults_are_the_yaml_defaults_but_for_the_prompt(compose_cfg):
+    composed = compose_cfg()
+    for group in dataclasses.fields(Config):
+        if group.name not in ("prompt", "debug"):  # each group's dataclass holds its default option's values
+            default = dataclasses.asdict(group.default_factory())
+            assert OmegaConf.to_container(composed[group.name]) == default, group.name
+    # so Config() differs from what run.py runs only in the prompt (its text lives in conf/prompt/tool.yaml)
+    # and in what the prompt asks of generation
+    changed = {d.split(":")[0] for d in differences(Config(), load_config())}
+    assert changed and changed <= {f"prompt.{f.name}" for f in dataclasses.fields(PromptConfig)} | {
+        "generation.max_new_tokens", "generation.stop_string"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "max_new_tokens", "stop_string"),
+    [
+        ([], 20, "\n"),  # the tool prompt's requests
+        (["prompt=cot"], 48, "</answer>"),
+        (["prompt=raw"], 48, "</answer>"),  # no request: the built-in defaults
+        (["generation.max_new_tokens=30"], 30, "\n"),  # set on the command line: it wins
+        (["prompt=tool", "generation.max_new_tokens=30"], 30, "\n"),  # in either order
+        (["generation.max_new_tokens=30", "prompt=tool"], 30, "\n"),
+        (["generation.stop_string=''"], 20, ""),  # never stop early, whatever the prompt asks
+        (["experiment=seed_before"], 50, ""),  # a recipe's settings win too
+    ],
+)
+def test_generation_settings_take_the_prompts_requests_where_unset(compose_cfg, overrides, max_new_tokens, stop_string):
+    generation = OmegaConf.to_object(compose_cfg(overrides)).generation
+    assert (generation.max_new_tokens, generation.stop_string) == (max_new_tokens, stop_string)
+
+
+def test_generation_settings_from_python():
+    tool = PromptConfig(style="tool", max_new_tokens=20, stop_string="\n")
+    assert Config(prompt=tool).generation.max_new_tokens == 20
+    assert Config(prompt=tool, generation=GenerationConfig(max_new_tokens=10)).generation.max_new_tokens == 10
+    assert Config().generation.stop_string == "</answer>" and GenerationConfig().resolved().max_new_tokens == 48
+    with pytest.raises(PipelineError, match="prompt.max_new_tokens"):
+        PromptConfig(max_new_tokens=0)
+
+
+def test_prompt_options_set_only_the_prompt_group(compose_cfg):
+    keys = {f.name for f in dataclasses.fields(PromptConfig)}
+    for file in sorted((CONF / "prompt").glob("*.yaml")):
+        assert "@package" not in file.read_text(), file.name  # no writing into other groups' packages
+        assert set(OmegaConf.load(file)) <= keys, file.name
+    with pytest.raises(Exception, match="gguf_file"):  # the dead option is gone
+        compose_cfg(["model.gguf_file=x.gguf"])
 
 
 def test_seed_experiments_reproduce_the_original_recipes(compose_cfg):

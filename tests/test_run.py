@@ -10,6 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import run_app
+from omegaconf import OmegaConf
+from test_config import differences
+
+from pipeline.config import Config, load_config
 
 TINY = ["model=tiny", "dataset.num_questions=4", "generation.max_new_tokens=6"]
 
@@ -34,6 +38,7 @@ def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
     )
     assert run["params.precision.name"] == "fp32" and run["params.attention.implementation"] == "eager"
     assert run["params.generation.max_new_tokens"] == "6" and run["params.model.source"] == "tiny"
+    assert run["params.generation.stop_string"] == "\n"  # as used: the tool prompt's request, not conf/'s null
     assert run["tags.dtype"] == "fp32" and run["tags.torch_version"] and run["tags.git_commit"]
     assert run["tags.device_name"] and run["tags.transformers_version"].startswith("5.")
     for stage in ("single", "batched"):
@@ -74,6 +79,11 @@ def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
     (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["dtype"] == "fp32" and set(saved["stages"]) == {"single", "batched"}
+    # what run.py ran is what load_config builds from the same overrides, field by field
+    ran = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / ".hydra/config.yaml"))
+    )
+    assert differences(ran, load_config([*TINY, "precision=fp32", "attention=eager"])) == []
     with open(run_dir / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {"question", "expected", "output", "parsed", "correct", "latency_s", "stage"} <= set(rows[0])

@@ -3,12 +3,16 @@
 These are plain dataclasses. `run.py` registers them as Hydra structured
 configs so that a typo or a wrong type fails at start; converting the composed
 config to these objects (``OmegaConf.to_object``) runs ``__post_init__``, which
-checks ranges and choices.
+checks ranges and choices. From Python, ``load_config(["precision=bf16"])``
+builds the same Config that ``python run.py precision=bf16`` runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
@@ -42,7 +46,6 @@ class ModelConfig:
     # hub repo id (source=hub), or a directory / .gguf file (source=local)
     repo_id: str | None = None
     path: str | None = None
-    gguf_file: str | None = None
     # where the dequantized embedded model is cached; null: $PIPELINE_CACHE_DIR or ~/.cache/llm-pipeline
     cache_dir: str | None = None
     trust_remote_code: bool = False
@@ -79,24 +82,31 @@ class AttentionConfig:
         _check_choice("attention", self.implementation, ATTENTIONS)
 
 
+# what generation uses where neither conf/generation nor the prompt asks for something else
+DEFAULT_MAX_NEW_TOKENS = 48
+DEFAULT_STOP_STRING = "</answer>"
+
+
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 48
+    # null: the prompt's request (prompt.max_new_tokens), else DEFAULT_MAX_NEW_TOKENS; a number here wins
+    max_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 50
     num_beams: int = 1
     use_cache: bool = True
-    # stop a sequence as soon as it has produced this text (besides EOS); null or "" disables
-    stop_string: str | None = "</answer>"
+    # stop a sequence as soon as it has produced this text (besides EOS); "" never stops early;
+    # null: the prompt's request (prompt.stop_string), else DEFAULT_STOP_STRING
+    stop_string: str | None = None
     # KV cache layout: dynamic (grows per step) or static (preallocated; runtime.compile implies it)
     cache_implementation: str = "dynamic"
     # compute the KV cache of the prefix all prompts share (system prompt, examples) once and reuse it
     prefix_cache: bool = True
 
     def __post_init__(self) -> None:
-        _check_positive("generation.max_new_tokens", self.max_new_tokens)
+        _check_positive("generation.max_new_tokens", self.max_new_tokens, allow_none=True)
         _check_positive("generation.num_beams", self.num_beams)
         _check_positive("generation.temperature", self.temperature)
         if not 0 < self.top_p <= 1:
@@ -104,6 +114,18 @@ class GenerationConfig:
         if self.top_k < 0:
             raise PipelineError(f"generation.top_k={self.top_k} must be >= 0 (0 disables it)")
         _check_choice("generation.cache_implementation", self.cache_implementation, CACHE_IMPLEMENTATIONS)
+
+    def resolved(self, prompt: PromptConfig | None = None) -> GenerationConfig:
+        """These settings with the unset ones (null) filled: the prompt's request, else the built-in default.
+
+        A value set here (in conf/generation, an experiment, or on the command line) always wins.
+        """
+        max_new_tokens, stop = self.max_new_tokens, self.stop_string
+        if max_new_tokens is None:
+            max_new_tokens = (prompt.max_new_tokens if prompt else None) or DEFAULT_MAX_NEW_TOKENS
+        if stop is None:
+            stop = prompt.stop_string if prompt and prompt.stop_string is not None else DEFAULT_STOP_STRING
+        return dataclasses.replace(self, max_new_tokens=max_new_tokens, stop_string=stop)
 
 
 @dataclass
@@ -148,9 +170,13 @@ class PromptConfig:
     # text the assistant's reply starts with (e.g. "<answer>"): appended to the prompt and
     # put back in front of the output before scoring
     response_prefix: str = ""
+    # what this prompt asks of generation where generation leaves it unset (null: no request)
+    max_new_tokens: int | None = None
+    stop_string: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, PROMPT_STYLES)
+        _check_positive("prompt.max_new_tokens", self.max_new_tokens, allow_none=True)
         for i, example in enumerate(self.examples):
             if not (isinstance(example, (list, tuple)) and len(example) == 2):
                 raise PipelineError(f"prompt.examples[{i}] must be a [question, answer] pair")
@@ -201,6 +227,8 @@ class BackendConfig:
 
 @dataclass
 class Config:
+    """The whole run. Its defaults are the schema's; `load_config()` gives the defaults of conf/, as run.py does."""
+
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -212,3 +240,56 @@ class Config:
     stages: StagesConfig = field(default_factory=StagesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: bool = False
+
+    def __post_init__(self) -> None:
+        # the prompt's token budget and stop text apply where generation leaves them unset, once, here: every
+        # backend reads cfg.generation as it is. Change the prompt by building a new Config (dataclasses.replace
+        # of a built one keeps the generation settings it resolved).
+        self.generation = self.generation.resolved(self.prompt)
+
+
+CONF_DIR_ENV = "PIPELINE_CONF_DIR"  # the project's conf/ folder, where the package is not run from a checkout
+
+
+def conf_dir() -> Path:
+    """The project's conf/ folder: $PIPELINE_CONF_DIR, else the one beside src/ in this checkout."""
+    folder = Path(os.environ.get(CONF_DIR_ENV) or Path(__file__).resolve().parents[2] / "conf")
+    if not (folder / "config.yaml").is_file():
+        raise PipelineError(f"no config.yaml in {folder}; set {CONF_DIR_ENV}=/path/to/the/project/conf")
+    return folder
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), folder: Path | None = None) -> Config:
+    """The Config `python run.py OVERRIDES...` runs, composed from conf/ with Hydra's compose API.
+
+    A bad override is one PipelineError: an unknown option with the valid ones, or the bad key and why.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    folder = folder or conf_dir()
+    ConfigStore.instance().store(name="config_schema", node=Config)  # the schema conf/config.yaml names first
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as err:
+        raise PipelineError(compose_error(err, list(overrides), folder)) from None
+    return OmegaConf.to_object(cfg)  # runs each group's checks
+
+
+def compose_error(err: Exception, overrides: list[str], folder: Path) -> str:
+    """One line for a failed compose: the unknown option with the valid ones, or the bad key and why."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for override in overrides:
+        group, _, value = override.lstrip("+~").partition("=")
+        options = sorted(f.stem for f in (folder / group).glob("*.yaml")) if "/" not in group else []
+        if options and value not in (*options, "null"):
+            return f"{group}={value} is not an option; choose one of: {', '.join(options)}"
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    reason = (str(cause or err).strip().splitlines() or [type(err).__name__])[0]
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {reason}" if key else reason

@@ -22,12 +22,11 @@ import logging
 import os
 import shlex
 import time
-from pathlib import Path
 
 import torch
 
 from pipeline.backends import load_backend
-from pipeline.config import Config
+from pipeline.config import CONF_DIR_ENV, Config, conf_dir, load_config
 from pipeline.data import load_items, select
 from pipeline.errors import PipelineError
 from pipeline.models import resolve_device
@@ -36,55 +35,17 @@ from pipeline.runner import _set_runtime, make_postprocess, prepare_backend
 from pipeline.scoring import parse_answer
 
 OVERRIDES_ENV = "PIPELINE_OVERRIDES"  # Hydra overrides, space separated, as on run.py's command line
-CONF_DIR_ENV = "PIPELINE_CONF_DIR"  # the project's conf/ folder, where the package is not run from a checkout
+__all__ = ["CONF_DIR_ENV", "OVERRIDES_ENV", "BaseLLM", "compose_config", "conf_dir"]
 log = logging.getLogger(__name__)
-
-
-def conf_dir() -> Path:
-    """The project's conf/ folder: $PIPELINE_CONF_DIR, else the one beside src/ in this checkout."""
-    folder = Path(os.environ.get(CONF_DIR_ENV) or Path(__file__).resolve().parents[2] / "conf")
-    if not (folder / "config.yaml").is_file():
-        raise PipelineError(f"no config.yaml in {folder}; set {CONF_DIR_ENV}=/path/to/the/project/conf")
-    return folder
 
 
 def compose_config(overrides: list[str] | None = None) -> Config:
     """The config run.py would build from conf/: `overrides`, then those in $PIPELINE_OVERRIDES (which win)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from_env = shlex.split(os.environ.get(OVERRIDES_ENV, ""))
-    all_overrides = [*(overrides or []), *from_env]
-    folder = conf_dir()
-    ConfigStore.instance().store(name="config_schema", node=Config)  # the schema conf/config.yaml names first
-    GlobalHydra.instance().clear()  # compose needs its own Hydra; a homework process runs no other
+    all_overrides = [*(overrides or []), *shlex.split(os.environ.get(OVERRIDES_ENV, ""))]
     try:
-        with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=all_overrides)
-    except Exception as err:
-        raise PipelineError(
-            f"{_reason(err, all_overrides, folder)}; fix {OVERRIDES_ENV} or the overrides passed to BaseLLM"
-        ) from None
-    return OmegaConf.to_object(cfg)  # runs each group's checks
-
-
-def _reason(err: Exception, overrides: list[str], folder: Path) -> str:
-    """One line for a failed compose: the unknown option with the valid ones, or the bad key and why."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    for override in overrides:
-        group, _, value = override.lstrip("+~").partition("=")
-        options = sorted(f.stem for f in (folder / group).glob("*.yaml")) if "/" not in group else []
-        if options and value not in (*options, "null"):
-            return f"{group}={value} is not an option; choose one of: {', '.join(options)}"
-    cause: BaseException | None = err
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    reason = (str(cause or err).strip().splitlines() or [type(err).__name__])[0]
-    key = getattr(cause, "full_key", None)
-    return f"{key}: {reason}" if key else reason
+        return load_config(all_overrides, conf_dir())
+    except PipelineError as err:
+        raise PipelineError(f"{err}; fix {OVERRIDES_ENV} or the overrides passed to BaseLLM") from None
 
 
 class BaseLLM:

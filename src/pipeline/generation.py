@@ -75,7 +75,7 @@ class Generator:
     """Wraps a model and tokenizer with the course API: `generate(prompt)` and `batched_generate(prompts)`."""
 
     def __init__(self, model, tokenizer, cfg: GenerationConfig, compile_mode: str = "off"):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg.resolved()  # unset settings: the defaults
         self.compile_config = None
         if compile_mode != "off":
             # transformers compiles the decode step itself when the cache is static; on CPU it must be told to
