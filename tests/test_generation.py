@@ -100,14 +100,14 @@ def test_no_prefix_cache_for_prompts_that_share_little(tiny_fp32):
 
 
 def test_sampling_follows_the_seed_and_top_k_1_is_greedy(tiny_fp32):
-    prompts = _prompts(tiny_fp32.tokenizer, 3)
-    greedy = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=8, stop_string=""))
+    prompts = _prompts(tiny_fp32.tokenizer, 2)
+    greedy = Generator(tiny_fp32.model, tiny_fp32.tokenizer, GenerationConfig(max_new_tokens=5, stop_string=""))
     sampled = Generator(
         tiny_fp32.model,
         tiny_fp32.tokenizer,
-        GenerationConfig(max_new_tokens=8, stop_string="", do_sample=True, temperature=1.5, top_k=0, top_p=1.0),
+        GenerationConfig(max_new_tokens=5, stop_string="", do_sample=True, temperature=1.5, top_k=0, top_p=1.0),
     )
-    top_1 = GenerationConfig(max_new_tokens=8, stop_string="", do_sample=True, top_k=1)
+    top_1 = GenerationConfig(max_new_tokens=5, stop_string="", do_sample=True, top_k=1)
     only_best = Generator(tiny_fp32.model, tiny_fp32.tokenizer, top_1)
     with torch.inference_mode():
         expected = [g.text for g in greedy.batched_generate(prompts)]

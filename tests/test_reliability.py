@@ -180,6 +180,8 @@ def test_unreachable_store_keeps_results_and_sync_logs_them_once(tmp_path, store
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
     assert json.loads((run_dir / "tracking.json").read_text())["uri"] == uri
 
+    if store != "http":
+        return  # from here on the folder is synced the same way whatever store was down
     db = tmp_path / "later.db"
     for _ in range(2):
         assert sync_main([str(run_dir), "--uri", f"sqlite:///{db}"]) == 0
