@@ -1,11 +1,12 @@
 """Time the q4/q8 kernels against fp32 torch matmul on SmolLM2-135M's linear shapes; print markdown tables.
 
-    .venv/bin/python scripts/bench_kernels.py [--threads 2] [--ms 1,2,4,8,16,32,64] [--hot] [--no-step]
+    .venv/bin/python scripts/bench_kernels.py [--threads 2] [--ms 1,2,4,8,16,32,64] [--hot] [--no-step] [--stat min]
 
 Weights come from DRAM as in real decoding: each timed call uses the next of enough copies of the
 weights to overflow the last-level cache (--hot: one copy, so that small layers are read from cache).
 M = 1 is reported against the measured read bandwidth (a 512 MB sum), larger M in GFLOP/s. Times are
-medians of single calls; other processes on the machine inflate them, so run it more than once.
+medians of single calls (--stat min: the fastest call, an estimate of a quiet machine when other
+processes share the cores; they inflate medians, and a fork/join of two threads waits for both).
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def median_call_s(fn, x: torch.Tensor, operands: list[tuple], calls: int) -> float:
-    """Median time of fn(x, *operands[i]) over `calls` calls, cycling through the operand sets."""
+STAT = {"p50": statistics.median, "min": min}
+
+
+def call_s(fn, x: torch.Tensor, operands: list[tuple], calls: int, stat) -> float:
+    """p50 (or min) time of fn(x, *operands[i]) over `calls` calls, cycling through the operand sets."""
     for args in operands[:4]:
         fn(x, *args)
-    return statistics.median(_timed(fn, x, *operands[i % len(operands)]) for i in range(calls))
+    return stat([_timed(fn, x, *operands[i % len(operands)]) for i in range(calls)])
 
 
 def copies(make, nbytes: int, hot: bool) -> list:
@@ -69,7 +73,7 @@ def fp32_transposed(x, w_t):  # W stored as [K, N]
     return x @ w_t
 
 
-def bench_shape(name: str, n: int, k: int, fmt: str, ms: list[int], bandwidth: float, hot: bool) -> list[dict]:
+def bench_shape(name: str, n: int, k: int, fmt: str, ms: list[int], bandwidth: float, hot: bool, stat) -> list[dict]:
     """One row per M: the kernel vs fp32 `x @ W.t()` and `x @ W_t`."""
     w = torch.randn(n, k) * 0.02
     quantized = copies(lambda: quantize(fmt, w), int(n * k * BYTES_PER_WEIGHT[fmt]), hot)
@@ -79,9 +83,9 @@ def bench_shape(name: str, n: int, k: int, fmt: str, ms: list[int], bandwidth: f
     for m in ms:
         x = torch.randn(m, k)
         calls = max(20, int(300 * 1e6 / (n * k * max(m, 8))))  # ~300 calls of a 1M-weight layer
-        kernel_s = median_call_s(OPS[fmt](), x, quantized, calls)
-        fp32_s = median_call_s(fp32_linear, x, dense, calls)
-        fp32_t_s = median_call_s(fp32_transposed, x, dense_t, calls)
+        kernel_s = call_s(OPS[fmt](), x, quantized, calls, stat)
+        fp32_s = call_s(fp32_linear, x, dense, calls, stat)
+        fp32_t_s = call_s(fp32_transposed, x, dense_t, calls, stat)
         best_fp32_s = min(fp32_s, fp32_t_s)
         weight_gb_s = n * k * BYTES_PER_WEIGHT[fmt] / kernel_s / 1e9
         rows.append(
@@ -101,7 +105,7 @@ def bench_shape(name: str, n: int, k: int, fmt: str, ms: list[int], bandwidth: f
     return rows
 
 
-def decode_step(ms: list[int], bandwidth: float, repeats: int = 15) -> tuple[list[dict], int, int]:
+def decode_step(ms: list[int], bandwidth: float, stat, repeats: int = 15) -> tuple[list[dict], int, int]:
     """All linear layers of one decode step (30 x [qkv, o, gate_up, down] + lm_head), each with its own weights."""
     shapes = [s for _ in range(LAYERS) for s in SHAPES[:-1]] + [SHAPES[-1]]
     layers = [(OPS[fmt](), quantize(fmt, torch.randn(n, k) * 0.02)) for _, n, k, fmt in shapes]
@@ -121,8 +125,8 @@ def decode_step(ms: list[int], bandwidth: float, repeats: int = 15) -> tuple[lis
     for m in ms:
         xs = {k: torch.randn(m, k) for k in (576, 1536)}
         step(xs), step_fp32(xs)
-        kernel_s = statistics.median(_timed(step, xs) for _ in range(repeats))
-        fp32_s = statistics.median(_timed(step_fp32, xs) for _ in range(max(3, repeats // 3)))
+        kernel_s = stat([_timed(step, xs) for _ in range(repeats)])
+        fp32_s = stat([_timed(step_fp32, xs) for _ in range(max(3, repeats // 3))])
         gb_s = weight_bytes / kernel_s / 1e9
         rows.append(dict(m=m, kernel_ms=kernel_s * 1e3, fp32_ms=fp32_s * 1e3, gb_s=gb_s, pct=100 * gb_s / bandwidth))
     return rows, weight_bytes, params
@@ -140,6 +144,7 @@ def main() -> None:
     parser.add_argument("--ms", default="1,2,4,8,16,32,64", help="comma-separated batch sizes (rows of x)")
     parser.add_argument("--hot", action="store_true", help="one copy of each weight (small ones stay in cache)")
     parser.add_argument("--no-step", action="store_true", help="skip the whole decode step")
+    parser.add_argument("--stat", choices=sorted(STAT), default="p50", help="statistic of the timed calls")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ms = [int(m) for m in args.ms.split(",")]
@@ -147,7 +152,10 @@ def main() -> None:
         raise SystemExit(f"kernel unavailable: {kernels.unavailable_reason()}")
 
     bandwidth = read_bandwidth_gb_s()
-    print(f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s, weights {'hot' if args.hot else 'cold'}\n")
+    print(
+        f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s, weights {'hot' if args.hot else 'cold'}, "
+        f"time per call: {args.stat}\n"
+    )
     print(
         "| shape | M | kernel µs | fp32 x@W.t() µs | fp32 x@W_t µs | weight GB/s | % of bw "
         "| kernel GFLOP/s | fp32 best GFLOP/s | speedup vs fp32 |"
@@ -155,7 +163,7 @@ def main() -> None:
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     crossovers = {}
     for name, n, k, fmt in SHAPES:
-        rows = bench_shape(name, n, k, fmt, ms, bandwidth, args.hot)
+        rows = bench_shape(name, n, k, fmt, ms, bandwidth, args.hot, STAT[args.stat])
         crossovers[rows[0]["shape"]] = crossover(rows)
         for r in rows:
             print(
@@ -168,7 +176,8 @@ def main() -> None:
         print(f"| {shape} | {m} |")
 
     if not args.no_step:
-        rows, weight_bytes, params = decode_step([m for m in ms if m in (1, 8, 32)] or ms[:1], bandwidth)
+        step_ms = [m for m in ms if m in (1, 8, 32)] or ms[:1]
+        rows, weight_bytes, params = decode_step(step_ms, bandwidth, STAT[args.stat])
         print(
             f"\nOne decode step's linear layers ({LAYERS} x [qkv, o, gate_up, down] q4 + lm_head q8: "
             f"{params / 1e6:.1f} M weights, {weight_bytes / 1e6:.1f} MB; fp32 x@W.t() on the same shapes)\n"
