@@ -102,8 +102,9 @@ def diagnose(
     if case_time_s > limit_s:
         causes.append(
             f"the case took {case_time_s:.1f} s with model construction counted ({construction_s:.1f} s of it), over "
-            f"the {limit_s:.0f} s limit: lower generation.max_new_tokens, try precision=bf16 or precision=int8, "
-            "or runtime.warmup=false (the course counts the warm-up)"
+            f"the {limit_s:.0f} s limit: lower generation.max_new_tokens, find a faster backend= and precision= "
+            "with a sweep (run.py -m experiment=course_grader precision=fp32,int8), or set runtime.warmup=false "
+            "(the course counts the warm-up)"
         )
     if not causes:
         causes.append(
