@@ -6,15 +6,18 @@ Formats (both lossless for the SmolLM2 GGUF, whose layers are Q4_1 and whose emb
   q8: per group of 32, w = d * q with q int8. qweight int8 [N, K]; scales fp32 [N, K/32].
 
 `q4_linear` / `q8_linear` compute x @ dequant(W).T for fp32 x of shape [..., K]. The kernel (qlinear.cpp)
-is compiled on first use with torch.utils.cpp_extension (about a minute, then cached under
-~/.cache/torch_extensions) and registered as torch.ops.pipeline.q4_linear / q8_linear, with fake
-implementations so that torch.compile traces through them. Without a compiler or AVX2 the same functions
-dequantize and call torch's matmul: correct, slow; `available()` and `unavailable_reason()` say which.
-Call `available()` before torch.compile so the extension is not built while tracing.
+is compiled on first use with torch.utils.cpp_extension (20 s on an idle 2-core machine, a minute on a
+busy one; then cached under ~/.cache/torch_extensions, and a later process loads it in ~0.2 s) and
+registered as torch.ops.pipeline.q4_linear / q8_linear, with fake implementations so that torch.compile
+traces through them. Without a compiler or AVX2 the same functions dequantize and call torch's matmul:
+correct, slow; `available()` and `unavailable_reason()` say which. Call `available()` before
+torch.compile so the extension is not built while tracing. The kernel splits N over
+torch.get_num_threads() threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from pipeline.errors import PipelineError
 
 GROUP_SIZE = 32
 _SOURCE = Path(__file__).with_name("qlinear.cpp")
-_EXTENSION_NAME = "pipeline_qlinear"
+# One build folder per checkout: two copies of the project sharing ~/.cache/torch_extensions under one
+# name would rebuild each other's extension on every first call (a build command names its source path).
+_EXTENSION_NAME = "pipeline_qlinear_" + hashlib.sha1(str(_SOURCE.resolve()).encode()).hexdigest()[:8]
 # Set to 1 to skip the extension and always take the dequantize + matmul path.
 _DISABLE_ENV = "PIPELINE_DISABLE_KERNELS"
 
