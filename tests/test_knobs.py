@@ -46,6 +46,18 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert torch.allclose(got, expected, atol=0.05 * expected.abs().max().item())
 
 
+def test_int8_with_fp32_activations_uses_our_grouped_kernel_not_the_scalar_path():
+    from pipeline import kernels
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    quantized = WeightOnlyInt8Linear(linear, torch.float32)
+    assert quantized.grouped == kernels.available()
+    x = torch.randn(3, 5, 64)
+    expected, got = linear(x), quantized(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
+
+
 def test_int8_precision_runs_the_stages_on_the_tiny_model():
     loaded = _tiny(resolve_dtype("int8", CPU), int8=True)
     assert any(isinstance(m, WeightOnlyInt8Linear) for m in loaded.model.modules())
