@@ -4,7 +4,7 @@
 
 Weights come from DRAM as in real decoding: each timed call uses the next of enough copies of the
 weights to overflow the last-level cache (--hot: one copy, so that small layers are read from cache).
-M = 1 is reported against the measured read bandwidth (a 512 MB sum), larger M in GFLOP/s. Times are
+M = 1 is reported against the measured read bandwidth (sums over 64 MB), larger M in GFLOP/s. Times are
 medians of single calls (--stat min: the fastest call, an estimate of a quiet machine when other
 processes share the cores; they inflate medians, and a fork/join of two threads waits for both).
 """
@@ -33,11 +33,13 @@ BYTES_PER_WEIGHT = {"q4": 0.5 + 8 / 32, "q8": 1 + 4 / 32, "fp32": 4.0}
 OPS = {"q4": lambda: torch.ops.pipeline.q4_linear, "q8": lambda: torch.ops.pipeline.q8_linear}
 
 
-def read_bandwidth_gb_s(repeats: int = 7) -> float:
-    """Best of `repeats` sums over 512 MB of fp32: the read bandwidth the cores can draw."""
-    data = torch.ones(128 << 20)
-    best_s = min(_timed(data.sum) for _ in range(repeats))
-    return data.numel() * 4 / best_s / 1e9
+def read_bandwidth_gb_s(stat, calls: int = 30) -> float:
+    """Read bandwidth the cores can draw: sums over 64 MB fp32 buffers (6 of them, so none stays in cache),
+    timed call by call with the same statistic as the kernels."""
+    buffers = [torch.ones(16 << 20) for _ in range(6)]
+    for b in buffers:
+        b.sum()
+    return buffers[0].numel() * 4 / stat([_timed(buffers[i % 6].sum) for i in range(calls)]) / 1e9
 
 
 def _timed(fn, *args) -> float:
@@ -151,7 +153,7 @@ def main() -> None:
     if not kernels.available():
         raise SystemExit(f"kernel unavailable: {kernels.unavailable_reason()}")
 
-    bandwidth = read_bandwidth_gb_s()
+    bandwidth = read_bandwidth_gb_s(STAT[args.stat])
     print(
         f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s, weights {'hot' if args.hot else 'cold'}, "
         f"time per call: {args.stat}\n"
