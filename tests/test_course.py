@@ -182,7 +182,7 @@ def test_adapter_on_the_embedded_model_keeps_the_loss_below_zero_points(monkeypa
     from pipeline.grader import ZERO_POINTS_LOSS, grader_loss
 
     monkeypatch.delenv(OVERRIDES_ENV, raising=False)
-    llm = BaseLLM()
+    llm = BaseLLM(["runtime.warmup=false"])  # the default config but for the warm-up, which only costs time here
     questions = [item.question for item in load_items()[:32]]
     outputs = llm.batched_generate(questions)
     assert sum("<answer>" in text for text in outputs) >= 28
