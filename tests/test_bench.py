@@ -147,7 +147,7 @@ def test_slower_than_fp32_without_a_warning_is_an_offender():
     verdict = {t: (m, v) for t, m, v in targets(rows, {}, {}, BANDWIDTH_GB_S)}
     measured, status = verdict["no row slower than fp32 on this device without a warning"]
     assert status == "MISSED (3 offenders)"
-    assert "engine-int8 (1.2x engine-fp32's time per token, batched, no warning)" in measured
+    assert "engine-int8 (1.2x the time per token of engine-fp32, batched, no warning)" in measured
 
     del rows["engine-fp32"]
     checks = {c["name"]: c for c in slower_check(rows)}
@@ -228,12 +228,33 @@ def test_render_states_the_cpu_kind_calibration_profile_and_missing_rows():
         calibration_source="the default run's results.json tags",
         profiles=[profile],
         profile_missing=["transformers (ValueError: no)"],
+        load_at_start=0.4,
+        cores=2,
+        prompts=[
+            {
+                "prompt": "cot",
+                "accuracy": 0.0625,
+                "questions": 64,
+                "answer_rate": 0.8,
+                "single_s": 60.0,
+                "batched_s": 6.5,
+                "tokens": 1236,
+                "families": {"data": 0.0, "mass": 0.1},
+            },
+            {"prompt": "raw", "missing": "exit 1: error: boom"},
+        ],  # fmt: skip
     )
     text = render(report)
     assert "**CPU kind: avx2**" in text and "Advice from one CPU kind does not carry to another" in text
     assert text.index("CPU kind") < text.index("## Speed")
+    assert "before the bench started: 0.4 on 2 cores" in text and "The machine was busy" not in text
+    report.load_at_start = 3.1  # others kept more than half the cores busy
+    assert "**The machine was busy**" in render(report)
+    text = render(report)
     assert "| llamacpp | missing |" in text
     assert "| single stage >= 1.0x llama.cpp (stretch 1.5x) | llamacpp: llama-cpp-python is not installed |" in text
+    assert "| cot | 0.062 (64) | 0.800 | 60.00 | 6.50 | 1236 | data 0.000 |" in text
+    assert "| raw | missing: exit 1: error: boom |" in text
     assert "| `pipeline::q4_linear` | 50% |" in text and "- not profiled: transformers (ValueError: no)" in text
 
 

@@ -384,7 +384,7 @@ def targets(
         note = f"; not measured for {', '.join(unchecked)} (its fp32 row is missing)" if unchecked else ""
         if offenders:
             listed = ", ".join(
-                f"{c['name']} ({c['ratio']:.1f}x {c['reference']}'s time per token, {c['stage']}, no warning)"
+                f"{c['name']} ({c['ratio']:.1f}x the time per token of {c['reference']}, {c['stage']}, no warning)"
                 for c in offenders
             )
             return f"{len(offenders)} of {checked} rows slower than fp32 without a warning: {listed}{note}", (
@@ -639,8 +639,9 @@ def calibration_table(calibration: dict[str, tuple[float, float]]) -> str:
     body = []
     for name, (one, batch) in calibration.items():
         fp32 = calibration.get(f"{name.split(':', 1)[0]}:fp32")
-        versus = f"{one / fp32[0]:.2f}x / {batch / fp32[1]:.2f}x" if fp32 else "-"
-        slower = fp32 and max(one / fp32[0], batch / fp32[1]) > SLOWER
+        ratios = [a / b if b > 0 else math.nan for a, b in zip((one, batch), fp32)] if fp32 else []
+        versus = " / ".join(_x(r) for r in ratios) or "-"
+        slower = any(r > SLOWER for r in ratios)
         body.append([name, f"{one:.1f}", f"{batch:.1f}", versus + (" (slower)" if slower else "")])
     return markdown_table(["backend:format", "decode step ms (1 row)", "batched step ms (32 rows)",
                            "time vs its fp32 (1 / 32 rows)"], body)  # fmt: skip
@@ -679,15 +680,27 @@ class Report:
     machine_lines: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     elapsed_min: float = math.nan
+    load_at_start: float = math.nan  # 1-minute load average before the bench started anything
+    cores: int = 0
 
 
 def _machine_section(report: Report) -> list[str]:
-    kind = report.cpu_kind
-    lines = ["## Machine", "", *report.machine_lines]
-    what = "GPU memory" if report.device == "cuda" else "memory"
-    lines += [
+    kind, what = report.cpu_kind, "GPU memory" if report.device == "cuda" else "memory"
+    lines = [
+        "## Machine",
+        "",
+        *report.machine_lines,
         f"- measured {what} read bandwidth: {report.bandwidth_gb_s:.1f} GB/s (a sum over a buffer far larger than "
         "the caches, best of 7)",
+    ]
+    if not math.isnan(report.load_at_start):
+        load = f"{report.load_at_start:.1f} on {report.cores} cores"
+        lines.append(f"- load average (1 minute) before the bench started: {load}")
+        if report.load_at_start > report.cores / 2:
+            lines += ["", "**The machine was busy**: other work competed with the rows for the cores, so the times "
+                      "below are inflated and noisy (a parallel operator waits for a free core); rerun on an idle "
+                      "machine before trusting them."]  # fmt: skip
+    lines += [
         "",
         f"**CPU kind: {kind}** ({KIND_NOTES.get(kind, 'none of AVX2, AVX512, AMX')}). Advice from one CPU kind "
         "does not carry to another: which weight format and backend is fastest, and whether a knob helps or "
@@ -778,11 +791,11 @@ def _accuracy_section(report: Report) -> list[str]:
     return lines + [""]
 
 
-def prompt_table(prompts: list[dict], questions: int, accuracy_questions: int) -> str:
-    """One row per prompt strategy: accuracy on the accuracy set, stage times on the speed set."""
+def prompt_table(prompts: list[dict], questions: int) -> str:
+    """One row per prompt strategy: accuracy on its accuracy questions, stage times on the speed questions."""
     headers = [
-        f"prompt ({accuracy_questions} q accuracy, {questions} q times)", "accuracy", "answer rate",
-        "single s", "batched s", "tokens single", "worst family",
+        f"prompt (times: {questions} q)", "accuracy (questions)", "answer rate", "single s", "batched s",
+        "tokens single", "worst family",
     ]  # fmt: skip
     body = []
     for p in prompts:
@@ -791,7 +804,8 @@ def prompt_table(prompts: list[dict], questions: int, accuracy_questions: int) -
             continue
         families = p["families"]
         worst = min(families.items(), key=lambda kv: kv[1]) if families else ("-", math.nan)
-        body.append([p["prompt"], f"{p['accuracy']:.3f}", f"{p['answer_rate']:.3f}", _num(p["single_s"], 2),
+        accuracy = f"{p['accuracy']:.3f} ({p['questions']})"
+        body.append([p["prompt"], accuracy, f"{p['answer_rate']:.3f}", _num(p["single_s"], 2),
                      _num(p["batched_s"], 2), _num(p["tokens"], 0), f"{worst[0]} {_num(worst[1], 3)}"])  # fmt: skip
     lines = [markdown_table(headers, body)]
     last = next((p for p in reversed(prompts) if p.get("families")), None)
@@ -833,7 +847,9 @@ def render(report: Report) -> str:
     ]
     if report.prompts:
         lines += ["## Prompt strategies (default settings otherwise)", "",
-                  prompt_table(report.prompts, report.questions, report.accuracy_questions), ""]  # fmt: skip
+                  "Accuracy on the first questions as counted (tool: the default accuracy row's); times on the "
+                  "speed rows' questions.", "",
+                  prompt_table(report.prompts, report.questions), ""]  # fmt: skip
     lines += [
         "## Targets (issue 10, Done means: the default config)",
         "",
@@ -846,7 +862,7 @@ def render(report: Report) -> str:
     ]
     if report.notes:
         lines += ["## Notes", "", *[f"- {note}" for note in report.notes], ""]
-    return "\n".join(lines).rstrip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).rstrip() + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -881,6 +897,7 @@ def _prompt_record(prompt: str, timed: Sample, scored: Sample) -> dict:
     return {
         "prompt": prompt,
         "accuracy": float(stage["accuracy"]),
+        "questions": int(stage["num_questions"]),
         "answer_rate": float(stage["answer_rate"]),
         "single_s": _stage(timed, "single", "wall_time_s"),
         "batched_s": _stage(timed, "batched", "wall_time_s"),
@@ -925,6 +942,9 @@ def run_speed_rows(names: list[str], args, model: list[str], work: Path, missing
             except RowFailed as error:
                 missing[name] = str(error)
                 say(f"round {round_ + 1}: {name} FAILED: {error}")
+        if round_ == 0:
+            minutes = sum(reps[n] * s[0].process_s for n, s in samples.items() if s) / 60
+            say(f"the speed rows take about {minutes:.0f} minutes in all, by this round's times")
     return samples
 
 
@@ -940,7 +960,7 @@ def run_prompt_rows(names, args, model, work: Path, samples, accuracy_samples, s
             timed = timed or run_config(row_name, overrides, args.questions, work / "prompt" / prompt)
             scored = accuracy_samples.get(DEFAULT) if prompt == "tool" else None
             folder, only_batched = work / "prompt" / f"{prompt}-accuracy", [*overrides, "stages.single=false"]
-            scored = scored or run_config(row_name, only_batched, args.accuracy_questions, folder)
+            scored = scored or run_config(row_name, only_batched, args.prompt_questions, folder)
             prompts.append(_prompt_record(prompt, timed, scored))
             say(f"prompt: {prompt}")
         except RowFailed as error:
@@ -957,6 +977,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-reps", type=int, help="repetitions of the slow rows (1)")
     parser.add_argument("--questions", type=int, help="questions of the speed rows (32; --quick 8)")
     parser.add_argument("--accuracy-questions", type=int, help="questions of the accuracy rows (256; --quick 32)")
+    parser.add_argument("--prompt-questions", type=int, help="accuracy questions of the prompt rows but tool (64)")
     parser.add_argument("--only", nargs="+", metavar="ROW", help="rows to run (default: every row but the GPU ones)")
     parser.add_argument("--model", help="model option for every row, e.g. tiny (a small random model, for tests)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 8 questions, 32 accuracy questions")
@@ -971,18 +992,19 @@ def main(argv: list[str] | None = None) -> None:
         ("slow_reps", 1, 1),
         ("questions", 32, 8),
         ("accuracy_questions", 256, 32),
+        ("prompt_questions", 64, 32),
     ):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    if min(args.reps, args.slow_reps, args.questions, args.accuracy_questions) < 1:
-        parser.error("--reps, --slow-reps, --questions and --accuracy-questions must be at least 1")
+    if min(args.reps, args.slow_reps, args.questions, args.accuracy_questions, args.prompt_questions) < 1:
+        parser.error("--reps, --slow-reps and the question counts must be at least 1")
     try:
         plan = plan_rows(args.only, args.skip_accuracy, skip_prompts=args.quick)
     except PipelineError as error:
         parser.error(str(error))
     out = args.out or (args.work / "BENCHMARKS_quick.md" if args.quick else DEFAULT_OUT)
     model = [f"model={args.model}"] if args.model else []
-    began = time.perf_counter()
+    began, load_at_start = time.perf_counter(), os.getloadavg()[0]
 
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f} s] {message}", flush=True)
@@ -1029,8 +1051,8 @@ def main(argv: list[str] | None = None) -> None:
     notes = []
     if any(ROWS[n].slow for n in plan.speed) and args.slow_reps < args.reps:
         notes.append(
-            f"The slow rows ran {args.slow_reps} time(s) instead of {args.reps} to keep the whole bench near 20 "
-            "minutes on 2 cores; their spread is not measured (--slow-reps to change)."
+            f"The slow rows ran {args.slow_reps} of {args.reps} repetitions to keep the whole bench near 20 minutes "
+            "on 2 cores; their spread is not measured (--slow-reps to change)."
         )
     report = Report(
         rows=rows,
@@ -1053,6 +1075,8 @@ def main(argv: list[str] | None = None) -> None:
         machine_lines=_machine_lines(threads, device),
         notes=notes,
         elapsed_min=(time.perf_counter() - began) / 60,
+        load_at_start=load_at_start,
+        cores=os.cpu_count() or 1,
     )
     text = render(report)
     out.parent.mkdir(parents=True, exist_ok=True)
