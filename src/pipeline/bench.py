@@ -1,6 +1,6 @@
 """Benchmark the backends side by side on the default tool prompt and write docs/BENCHMARKS.md.
 
-    python -m pipeline.bench                          # every row; about 20 minutes on 2 cores
+    python -m pipeline.bench                          # every row; about 20-25 minutes on 2 idle AVX2 cores
     python -m pipeline.bench --quick                  # smoke run: 1 rep, 8 questions, no prompt rows
     python -m pipeline.bench --only default llamacpp  # any rows, by name (see --help)
 
@@ -53,7 +53,7 @@ class Row:
     # the row whose time per token this one must not exceed by SLOWER without a warning;
     # "backend": the fp32 row of whichever backend the run used (backend=auto decides at run time)
     fp32_row: str | None = None
-    slow: bool = False  # minutes per process on AVX2 CPUs: --slow-reps repetitions
+    slow: bool = False  # can take minutes per process on AVX2 CPUs: --slow-reps repetitions
 
 
 TF, T32 = "backend=transformers", "transformers"
@@ -732,7 +732,7 @@ def _speed_section(report: Report) -> list[str]:
     slow = [n for n in report.order if n in ROWS and ROWS[n].slow]
     reps = f"{report.reps} interleaved repetition{'s' if report.reps > 1 else ''}"
     if slow and report.slow_reps != report.reps:
-        reps += f" ({report.slow_reps} for the slow rows {', '.join(slow)}: minutes per process on AVX2 CPUs)"
+        reps += f" ({report.slow_reps} for {', '.join(slow)}, which can take minutes per process on AVX2 CPUs)"
     ceilings = ", ".join(
         f"{n} {report.bandwidth_gb_s / r['weight_gb']:.0f}" for n, r in rows.items() if r["weight_gb"] > 0
     )
@@ -1015,8 +1015,10 @@ def main(argv: list[str] | None = None) -> None:
     say(f"{device} memory read bandwidth: {bandwidth_gb_s:.1f} GB/s ({threads} threads)")
 
     # profiles first: they load the model the rows load, so every row's process finds the caches warm
-    profiles, profile_missing, engine_tags = ([], [], {}) if args.skip_profile else run_profiles(model, device)
-    say("decode steps profiled")
+    profiles, profile_missing, engine_tags = [], [], {}
+    if not args.skip_profile:
+        profiles, profile_missing, engine_tags = run_profiles(model, device)
+        say(f"decode steps profiled ({len(profiles)} of 2)")
     work = args.work / time.strftime("%Y-%m-%d_%H-%M-%S")
     missing: dict[str, str] = {}
     samples = run_speed_rows(plan.speed, args, model, work, missing, say)
