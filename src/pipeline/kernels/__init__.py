@@ -60,7 +60,10 @@ def _load() -> None:
         cpp_extension.load(
             name=_EXTENSION_NAME,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-DNDEBUG"],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"],
+            # the process already holds torch's libgomp.so.1, so this links to the same OpenMP runtime
+            # and follows torch.set_num_threads
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,  # the .so registers torch ops; no Python bindings to compile
             verbose=False,
         )

@@ -24,6 +24,12 @@
 
 #include <immintrin.h>
 
+// With torch's OpenMP build, at::parallel_for is a header template around `#pragma omp parallel`:
+// compiled without -fopenmp it quietly runs on one thread.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP)
+#error "compile with -fopenmp, or at::parallel_for runs on one thread"
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
