@@ -54,3 +54,27 @@ def test_measure_times_every_candidate_at_every_row_count_and_the_cache_is_reuse
 
     monkeypatch.setattr("pipeline.calibrate.measure", refuse)
     assert calibrate(shapes, tmp_path, log=lambda _: None).step_ms == first.step_ms
+
+
+def test_the_transformers_backend_follows_the_calibration(compose_cfg, monkeypatch):
+    """auto takes the dtype measured faster; an explicit one measured slower than fp32 says so and names fp32."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.backends.hf import TransformersBackend
+
+    def fake(bf16_first_row_ms):
+        times = {"transformers:fp32": _times(80, 100), "transformers:bf16": _times(bf16_first_row_ms, 90)}
+        return lambda *args, **kwargs: Calibration(times, "test cpu", 0.0)
+
+    def backend(precision):
+        cfg = OmegaConf.to_object(compose_cfg(["backend=transformers", "model=tiny", f"precision={precision}"]))
+        return TransformersBackend(cfg, log=lambda _: None)
+
+    monkeypatch.setattr("pipeline.calibrate.calibrate", fake(40))  # bf16 faster for 1 and 32 rows
+    assert backend("auto").model.dtype == torch.bfloat16
+    assert not backend("bf16").warnings
+    monkeypatch.setattr("pipeline.calibrate.calibrate", fake(400))  # bf16 5x slower for one row
+    assert backend("auto").model.dtype == torch.float32
+    (warning,) = backend("bf16").warnings
+    assert "bf16 measured 5.0x slower than fp32 for a decode step" in warning and "precision=fp32" in warning

@@ -123,13 +123,25 @@ def _engine_linear(weight: torch.Tensor, fmt: str):
 
 
 def _transformers_linear(weight: torch.Tensor, fmt: str):
+    if fmt == "int8" and not _int8_activations_bf16():  # what WeightOnlyInt8Linear does then
+        return _engine_linear(weight, "q8") if _kernels_available() else _aten_int8(weight)
     if fmt == "int8":
-        scales = weight.abs().amax(dim=1) / 127
-        quantized = (weight / scales[:, None]).round().to(torch.int8)
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x, quantized, scales)
+        return _aten_int8(weight)
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
     cast = weight.to(dtype)
     return lambda x: F.linear(x.to(dtype), cast)
+
+
+def _kernels_available() -> bool:
+    from pipeline import kernels
+
+    return kernels.available()
+
+
+def _aten_int8(weight: torch.Tensor):
+    scales = weight.abs().amax(dim=1) / 127
+    quantized = (weight / scales[:, None]).round().to(torch.int8)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, quantized, scales)
 
 
 def candidates() -> list[str]:

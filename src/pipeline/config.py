@@ -18,9 +18,9 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
-PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
-BACKENDS = ("engine", "transformers", "llamacpp")
+BACKENDS = ("auto", "engine", "transformers", "llamacpp")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -218,8 +218,9 @@ class TrackingConfig:
 
 @dataclass
 class BackendConfig:
-    # transformers (the optimized PyTorch path) or llamacpp (llama-cpp-python on the GGUF file, the reference)
-    name: str = "transformers"
+    # auto (the engine where it can run the config, else transformers), engine (our own decode loop),
+    # transformers (Hugging Face generate), llamacpp (llama-cpp-python on the GGUF file, the outside reference)
+    name: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.name, BACKENDS)

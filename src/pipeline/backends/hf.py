@@ -29,6 +29,8 @@ class TransformersBackend(Generator):
             self.warnings.append(
                 "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here"
             )
+        if device.type == "cpu" and dtype != torch.float16:
+            dtype = self._apply_calibration(cfg, dtype, log)
         self._info = BackendInfo(
             name="transformers",
             dtype=DTYPE_NAMES[dtype],
@@ -39,6 +41,26 @@ class TransformersBackend(Generator):
             source=self.loaded.source,
             load_time_s=self.loaded.load_time_s,
         )
+
+    def _apply_calibration(self, cfg: Config, dtype: torch.dtype, log: Callable[[str], None]) -> torch.dtype:
+        """precision=auto takes the dtype measured faster here; an explicit one measured slower than fp32 warns."""
+        from pipeline.calibrate import Shapes, calibrate
+        from pipeline.models import DTYPES, model_cache_dir
+
+        calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
+        if cfg.precision.name == "auto":
+            measured = DTYPES[calibration.transformers_dtype()]
+            if measured != dtype:
+                self.model.to(measured)
+            return measured
+        candidate = "int8" if cfg.precision.name == "int8" else DTYPE_NAMES[dtype]
+        if candidate != "fp32":
+            slower = calibration.slower_than_fp32(f"transformers:{candidate}")
+            if slower:
+                self.warnings.append(
+                    f"precision={cfg.precision.name}: {slower}; precision=fp32, or backend=engine, is faster here"
+                )
+        return dtype
 
     def info(self) -> BackendInfo:
         """dtype, weight format and bytes, device, attention kernel, source, load time."""
