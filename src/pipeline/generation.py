@@ -60,6 +60,15 @@ def _tokens_containing(tokenizer, char: str) -> torch.Tensor:
     return _CANDIDATE_CACHE[key]
 
 
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+    """How many leading tokens all token lists share, leaving every list at least one token of its own."""
+    length = min(len(ids) for ids in encoded) - 1
+    for position in range(max(length, 0)):
+        if any(ids[position] != encoded[0][position] for ids in encoded):
+            return position
+    return max(length, 0)
+
+
 def _length_to_eos(tokens: torch.Tensor, eos_ids: list[int]) -> int | None:
     """Length up to and including the first EOS; None when the row never emitted one."""
     hits = torch.nonzero(torch.isin(tokens, torch.tensor(eos_ids))).flatten()
@@ -121,11 +130,7 @@ class Generator:
         if self.cfg.num_beams != 1 or not self.cfg.use_cache:
             return 0.0
         encoded = [self._encode(p) for p in prompts]
-        length = min(len(ids) for ids in encoded) - 1  # every prompt keeps at least one token of its own
-        for position in range(max(length, 0)):
-            if any(ids[position] != encoded[0][position] for ids in encoded):
-                length = position
-                break
+        length = shared_prefix_length(encoded)
         if length < MIN_PREFIX_TOKENS:
             return 0.0
         start = time.perf_counter()

@@ -11,12 +11,11 @@ from pipeline.backends import BackendInfo, ignored_settings
 from pipeline.config import Config
 from pipeline.engine import Engine, EngineUnsupported, StopTokens
 from pipeline.errors import PipelineError
+from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
 from pipeline.results import Generation
 
 __all__ = ["EngineBackend", "EngineUnsupported", "weight_format_for"]
 
-# below this many shared tokens, a prefix is not worth keeping
-MIN_PREFIX_TOKENS = 16
 
 IGNORED = [
     ("attention.implementation", "sdpa", "the engine calls scaled_dot_product_attention itself"),
@@ -107,11 +106,7 @@ class EngineBackend:
             self.engine.set_prefix([])
             return 0.0
         encoded = [self._encode(p) for p in prompts]
-        length = min(len(ids) for ids in encoded) - 1  # every prompt keeps at least one token of its own
-        for position in range(max(length, 0)):
-            if any(ids[position] != encoded[0][position] for ids in encoded):
-                length = position
-                break
+        length = shared_prefix_length(encoded)
         if length < MIN_PREFIX_TOKENS:
             self.engine.set_prefix([])
             return 0.0
