@@ -163,7 +163,11 @@ def test_llamacpp_warns_about_the_settings_it_ignores(compose_cfg):
     cfg = OmegaConf.to_object(compose_cfg(["backend=llamacpp", "precision=bf16", "runtime.compile=default"]))
     warnings = ignored_settings(cfg, IGNORED, "llamacpp")
     assert any("precision.name=bf16" in w for w in warnings) and any("runtime.compile=default" in w for w in warnings)
-    assert not ignored_settings(OmegaConf.to_object(compose_cfg(["backend=llamacpp"])), IGNORED, "llamacpp")
+    # the default tool prompt decodes constrained, which llama.cpp does not: that is the one warning
+    (warning,) = ignored_settings(OmegaConf.to_object(compose_cfg(["backend=llamacpp"])), IGNORED, "llamacpp")
+    assert "prompt.constrained=True" in warning
+    free = compose_cfg(["backend=llamacpp", "prompt.constrained=false"])
+    assert not ignored_settings(OmegaConf.to_object(free), IGNORED, "llamacpp")
 
 
 def test_thread_count_and_sort_knobs_reach_the_run(tmp_path):

@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.datagen import FAMILIES
 from pipeline.scoring import parse_answer
-from pipeline.tool import Form, convert, ground, mentioned_units, parse_form, resolve_unit, solve
+from pipeline.tool import (
+    FAILURES,
+    SPELLING_ALIASES,
+    STOP_TEXT,
+    UNIT_ALIASES,
+    Form,
+    candidate_forms,
+    convert,
+    find_mentions,
+    form_constraint,
+    ground,
+    mentioned_units,
+    parse_form,
+    quantities,
+    question_numbers,
+    registry,
+    resolve_unit,
+    solve,
+)
 
 SPELLINGS = [
     (family, unit, spelling)
@@ -54,8 +73,8 @@ def test_parse_form_reads_the_structured_line(text, form):
 
 @pytest.mark.parametrize("text", ["", "I do not know", "kg -> g", "6 kg"])
 def test_unparsable_forms_give_no_answer(text):
-    output, form = solve(text)
-    assert math.isnan(parse_answer(output)) and form == ""
+    output, form, failure = solve(text)
+    assert math.isnan(parse_answer(output)) and form == "" and failure == "no_form"
 
 
 def test_unknown_unit_or_wrong_dimension_is_nan_not_an_error():
@@ -64,7 +83,7 @@ def test_unknown_unit_or_wrong_dimension_is_nan_not_an_error():
 
 
 def test_solve_appends_a_tagged_answer_that_scores():
-    output, form = solve("4 centuries -> weeks")
+    output, form, _ = solve("4 centuries -> weeks")
     assert form == "4 centuries -> weeks"
     assert parse_answer(output) == pytest.approx(4 * 100 * 365.242199 / 7)
 
@@ -81,5 +100,265 @@ def test_grounding_repairs_a_unit_the_question_never_mentions():
 
 @given(st.text(max_size=200), st.text(max_size=80))
 def test_solve_never_raises(output, question):
-    text, form = solve(output, question)
-    assert isinstance(text, str) and isinstance(form, str)
+    text, form, failure = solve(output, question)
+    assert isinstance(text, str) and isinstance(form, str) and failure in FAILURES
+
+
+# ------------------------------------------------------------------ the lexicon: pint's registry in prose
+
+
+def _registry_units() -> list[tuple[str, str]]:
+    """(spelling, pint name) for every multiplicative unit pint's registry names: its name, its symbol, its
+    aliases, with the underscore of two-word names written as a space too. The data sets' own meanings
+    (year, month, decade, century; b is a bit) and the aliases pint reads otherwise are tested apart."""
+    ureg = registry()
+    spellings = []
+    for name, definition in sorted(ureg._units.items()):
+        if definition.name != name or name in UNIT_ALIASES or name == "barn" or name.startswith("dataset_"):
+            continue
+        try:
+            ureg(name).to_base_units()  # offset (degC) and logarithmic (dB) units have no plain factor
+            if not ureg._units[name].is_multiplicative or getattr(definition.converter, "is_logarithmic", False):
+                continue
+        except Exception:
+            continue
+        written = [name, definition.defined_symbol, *definition.aliases]
+        for spelling in written:
+            if spelling and re.fullmatch(r"[A-Za-z]+(?:_[A-Za-z]+)?", spelling) and spelling not in SPELLING_ALIASES:
+                spellings.append((spelling, name))
+                if "_" in spelling:
+                    spellings.append((spelling.replace("_", " "), name))
+    return spellings
+
+
+REGISTRY_UNITS = _registry_units()
+
+
+def _plural(word: str) -> str:
+    """English plurals as people write them for units: inches, centuries, feet, metres."""
+    if word.endswith("foot"):
+        return word[:-4] + "feet"
+    if re.search(r"(s|x|z|ch|sh)$", word):
+        return word + "es"
+    if re.search(r"[^aeiou]y$", word):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def _same_unit(spelling: str, pint_expression: str) -> bool:
+    unit = resolve_unit(spelling)
+    if unit is None:
+        return False
+    return math.isclose((unit / registry()(pint_expression)).to("dimensionless").magnitude, 1.0, rel_tol=1e-9)
+
+
+def test_the_registry_is_read_whole():
+    assert len(REGISTRY_UNITS) > 600  # names, symbols and aliases of several hundred units
+
+
+def test_every_registry_unit_resolves_as_named():
+    """All of them, not a sample: a unit pint names that the lexicon misreads is a bug."""
+    wrong = [(spelling, name) for spelling, name in REGISTRY_UNITS if not _same_unit(spelling, name)]
+    assert not wrong, wrong
+
+
+NAMED = [(s, n) for s, n in REGISTRY_UNITS if s == n and re.fullmatch(r"[a-z]+(?:_[a-z]+)?", s)]
+PREFIXES = sorted(p for p in registry()._prefixes if p)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(NAMED), st.sampled_from(["", *PREFIXES]), st.booleans(), st.booleans())
+def test_prefixed_plural_and_dotted_spellings_resolve(unit, prefix, plural, dotted):
+    """kilometres, megabytes., centuries: a prefix, a plural (pint's or English), a full stop after it."""
+    _, name = unit
+    spelling = prefix + name
+    if plural:
+        head, _, last = spelling.rpartition("_")
+        spelling = f"{head}_{_plural(last)}" if head else _plural(spelling)
+    assert _same_unit(spelling + ("." if dotted else ""), prefix + name), spelling
+
+
+LENGTHS = ["m", "cm", "mm", "km", "inch", "inches", "foot", "feet", "ft", "yard", "yd", "mile", "mi", "metre"]
+TIMES = ["s", "second", "seconds", "min", "minute", "h", "hour", "hours", "hr", "day", "days", "week", "ms"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(LENGTHS), st.sampled_from(TIMES), st.sampled_from([2, 3]), st.integers(0, 5))
+def test_powers_and_compounds_in_every_notation(length, time, power, notation):
+    """cm^3, cm**3, cm³, cubic cm, sq cm, cm squared; km/h, km per hour, km an hour, km/h^2."""
+    word = {2: "square", 3: "cubic"}[power]
+    powered = [
+        f"{length}^{power}", f"{length}**{power}", f"{length}{'²' if power == 2 else '³'}", f"{word} {length}",
+        f"{'sq' if power == 2 else 'cu'} {length}", f"{length} {'squared' if power == 2 else 'cubed'}",
+    ][notation]  # fmt: skip
+    assert _same_unit(powered, f"({registry()(length).units})**{power}"), powered
+    rate = f"({registry()(length).units}) / ({registry()(time).units})"
+    for compound in (f"{length}/{time}", f"{length} per {time}"):
+        assert _same_unit(compound, rate), compound
+    assert _same_unit(f"{length}/{time}^2", f"({registry()(length).units}) / ({registry()(time).units})**2")
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        ("G", "gigabyte"), ("M", "megabyte"), ("KB", "kilobyte"), ("kB", "kilobyte"), ("B", "byte"), ("b", "bit"),
+        ("Mb", "megabit"), ("kb", "kilobit"), ("cc", "cm**3"), ("kilos", "kilogram"), ("kmh", "km/h"),
+        ("year", "dataset_year"), ("years", "dataset_year"), ("yr", "dataset_year"), ("months", "dataset_month"),
+        ("decades", "dataset_decade"), ("centuries", "dataset_century"), ("grammes", "gram"),
+        ("kilogrammes", "kilogram"), ("fl oz", "fluid_ounce"), ("fl. oz.", "fluid_ounce"), ("sq. ft.", "foot**2"),
+        ("miles an hour", "mile/hour"), ("kilometres per hour", "km/h"), ("metric tons", "metric_ton"),
+    ],
+)  # fmt: skip
+def test_the_alias_table_keeps_only_what_pint_reads_otherwise(spelling, expected):
+    assert _same_unit(spelling, expected), (spelling, resolve_unit(spelling))
+
+
+@pytest.mark.parametrize("spelling", ["zorks", "kg in", "5", "", "per hour", "cubic", "m/", "the"])
+def test_what_is_not_a_unit_does_not_resolve(spelling):
+    assert resolve_unit(spelling) is None
+
+
+# ------------------------------------------------------------------ mentions, numbers and candidate forms
+
+
+@pytest.mark.parametrize(
+    ("question", "units", "numbers"),
+    [
+        ("How many grams are in 7 kg?", ["grams", "kg"], ["7"]),
+        ("A car goes 60 miles an hour. What is that in metres per second?", ["miles an hour", "metres per second"],
+         ["60"]),
+        ("Exercise 12: convert 3.5 sq. ft. to square metres.", ["sq. ft", "square metres"], ["12", "3.5"]),
+        ("What is 12 in^3 in cm^3?", ["in^3", "cm^3"], ["12"]),
+        ("What's 4 m2 in cm²?", ["m2", "cm²"], ["4"]),
+        ("Convert from kilograms to pounds for 6 units.", ["kilograms", "pounds"], ["6"]),
+        ("What is 1,500 m in km?", ["m", "km"], ["1,500"]),
+        ("Kilometres per hour: how many in 10 m/s?", ["Kilometres per hour", "m/s"], ["10"]),
+        ("Turn 91 TB into Mbit.", ["TB", "Mbit"], ["91"]),
+        ("Give 5 fl. oz. in mL.", ["fl. oz", "mL"], ["5"]),
+    ],
+)  # fmt: skip
+def test_mentions_and_numbers_of_a_question(question, units, numbers):
+    assert mentioned_units(question) == units
+    assert question_numbers(question) == numbers
+    assert list(quantities(question)) == numbers[-1:]  # the number written before a unit
+
+
+def test_english_words_pint_reads_as_units_are_not_mentions():
+    prose = (
+        "A man at the camp has a cat and a hat; he is in a mass of units, turns a point, counts the dots, "
+        "asks us whether Henry or Newton are at the desk. Ms Turn does care about the PC and TV."
+    )
+    assert mentioned_units(prose) == []
+
+
+def test_candidate_forms_pair_every_number_with_two_unit_spellings():
+    question = "Exercise 12: convert 3.5 sq. ft. to square metres."
+    assert quantities(question) == {"3.5": "sq. ft"}  # 12 stands before no unit
+    assert candidate_forms(question) == ["3.5 sq. ft -> square metres"]  # 3.5 is written with its unit
+    assert candidate_forms(question, pin_source=False) == ["3.5 sq. ft -> square metres", "3.5 square metres -> sq. ft"]
+    forms = candidate_forms("From kg to lb, 2 times: 12?")  # no number before a unit: every number may be it
+    assert sorted(forms) == sorted(f"{n} {a} -> {b}" for n in ("2", "12") for a, b in [("kg", "lb"), ("lb", "kg")])
+    # one unit written two ways still gives a form; no number or one unit gives none (decoding stays free)
+    assert candidate_forms("Convert 46.6 millilitre to cm³.") == ["46.6 millilitre -> cm³"]
+    assert candidate_forms("Convert from kg to lb for 6 units.") == ["6 kg -> lb", "6 lb -> kg"]  # the model picks
+    assert candidate_forms("How many grams are in a kilogram?") == []
+    assert candidate_forms("How many zorks are in 5 blarps?") == []
+
+
+def test_a_question_without_resolvable_units_gives_nan_without_an_error():
+    question = "How many zorks are in 5 blarps?"
+    output, form, failure = solve("5 blarps -> zorks", question)
+    assert math.isnan(parse_answer(output)) and failure == "unknown_unit"
+    # a form pint could compute but whose units the question never names is not a guess we make
+    output, _, failure = solve("5 kg -> g", question)
+    assert math.isnan(parse_answer(output)) and failure == "unknown_unit"
+
+
+@pytest.mark.parametrize(
+    ("output", "question", "failure", "answered"),
+    [
+        ("I think it is a lot", "How many grams are in 7 kg?", "no_form", False),
+        ("7 kg -> zorks", "How many zorks are in 7 kg?", "unknown_unit", False),
+        ("1 kg -> grams", "How many grams are in 7 kg?", "quantity_not_in_question", True),
+        ("7 kg -> liters", "How many grams are in 7 kg?", "grounding_changed_unit", True),
+        ("7 grams -> kg", "How many grams are in 7 kg?", "wrong_conversion", True),
+        ("7 kg -> m", "How many m are in 7 kg?", "wrong_conversion", False),  # both known, dimensions differ
+    ],
+)
+def test_each_failure_class(output, question, failure, answered):
+    text, _, why = solve(output, question)
+    assert why == failure and (not math.isnan(parse_answer(text))) == answered
+
+
+# ------------------------------------------------------------------ the constraint: a token trie
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_fp32):
+    return tiny_fp32.tokenizer  # the real SmolLM2 tokenizer
+
+
+WORDS = ["How", "many", "is", "in", "convert", "to", "what", "the", "Exercise", "please", "per", "a", "of", "from"]
+UNITS = ["kg", "grams", "lb.", "cubic inches", "cm^3", "km/h", "miles per hour", "G", "bits", "fl oz", "mL",
+         "square feet", "m²", "centuries", "weeks", "metres", "ft", "tonnes", "KiB", "mph", "sq. ft."]  # fmt: skip
+NUMBERS = st.one_of(
+    st.integers(0, 99999).map(str),
+    st.integers(1, 99999).map(lambda n: f"{n:,}"),
+    st.decimals(0, 1000, places=2).map(str),
+)
+QUESTIONS = st.lists(st.one_of(st.sampled_from(WORDS), st.sampled_from(UNITS), NUMBERS), min_size=2, max_size=12).map(
+    lambda parts: " ".join(parts) + "?"
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(QUESTIONS, st.randoms(use_true_random=False), st.booleans())
+def test_the_constraint_never_allows_text_outside_the_form(tokenizer, question, rng, pin_source):
+    """Walk the trie with random choices: every complete output is one of the question's forms and its
+    stop text, parses back to that form, and names only the question's numbers and units."""
+    constraint = form_constraint(question, tokenizer, pin_source)
+    forms = set(candidate_forms(question, pin_source))
+    if constraint is None:
+        assert not forms
+        return
+    generated: list[int] = []
+    while allowed := constraint.allowed(generated):
+        assert len(set(allowed)) == len(allowed)
+        generated.append(rng.choice(allowed))
+        assert len(generated) <= 64
+    text = tokenizer.decode(generated)
+    assert text.endswith(STOP_TEXT) and text[: -len(STOP_TEXT)] in forms, (question, text)
+    form = parse_form(text)
+    assert form is not None and form.quantity in {float(n.replace(",", "")) for n in question_numbers(question)}
+    spellings = {m.spelling for m in find_mentions(question)}
+    assert f"{form.source} -> {form.target}" in {f"{a} -> {b}" for a in spellings for b in spellings if a != b}
+    # a token that leaves the trie ends the constrained sequence rather than raising
+    assert constraint.allowed([*generated[:1], -1]) == []
+
+
+def test_the_constraint_is_followed_by_the_engine_and_by_transformers(tiny_fp32):
+    """The tiny random model writes garbage freely; constrained, both backends write one of the forms."""
+    import torch
+
+    from pipeline.config import GenerationConfig, PromptConfig
+    from pipeline.engine import Engine, StopTokens
+    from pipeline.generation import Generator
+    from pipeline.prompts import build_prompt
+
+    tokenizer = tiny_fp32.tokenizer
+    questions = ["How many grams are in 7 kg?", "Exercise 12: convert 3.5 sq. ft. to square metres."]
+    prompt_cfg = PromptConfig(style="tool", system="Rewrite.", constrained=True)
+    prompts = [build_prompt(q, prompt_cfg, tokenizer) for q in questions]
+    constraints = [form_constraint(q, tokenizer) for q in questions]
+    generator = Generator(tiny_fp32.model, tokenizer, GenerationConfig(max_new_tokens=24, stop_string="\n"))
+    engine = Engine(tiny_fp32.model, "fp32")
+    stopper = StopTokens(tokenizer, "\n", [tokenizer.eos_token_id])
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    with torch.inference_mode():
+        texts = [g.text for g in generator.batched_generate(prompts, constraints=constraints)]
+        single = generator.generate(prompts[1], constraint=form_constraint(questions[1], tokenizer)).text
+        fresh = [form_constraint(q, tokenizer) for q in questions]
+        engine_texts = [tokenizer.decode(s.generated) for s in engine.generate(ids, 24, stopper, 2, constraints=fresh)]
+    for question, text, engine_text in zip(questions, texts, engine_texts):
+        assert text.strip() in candidate_forms(question) and engine_text.strip() in candidate_forms(question)
+    assert single.strip() in candidate_forms(questions[1])

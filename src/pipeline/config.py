@@ -148,8 +148,10 @@ class RuntimeConfig:
 
 @dataclass
 class DatasetConfig:
-    # null: the unit-conversion set shipped with the package
+    # a JSON file of your own; null: the shipped set `name`
     path: str | None = None
+    # a shipped set (src/pipeline/data/NAME.json): unit_conversion, unit_conversion_holdout
+    name: str = "unit_conversion"
     num_questions: int = 32
     # relative tolerance of the original grader: |round(a,3)-round(c,3)| < tol * |round(c,3)|
     tolerance: float = 0.05
@@ -173,10 +175,20 @@ class PromptConfig:
     # what this prompt asks of generation where generation leaves it unset (null: no request)
     max_new_tokens: int | None = None
     stop_string: str | None = None
+    # style=tool: decode only forms `NUMBER SOURCE -> TARGET` built from the question's numbers and units
+    constrained: bool = False
+    # with constrained: a number the question writes with its unit ("57.85 yrs") keeps that unit as SOURCE
+    # (false: the model decides which unit is which in every question)
+    pin_source: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, PROMPT_STYLES)
         _check_positive("prompt.max_new_tokens", self.max_new_tokens, allow_none=True)
+        if self.constrained and self.style != "tool":
+            raise PipelineError(
+                f"prompt.constrained=true applies to prompt=tool only (this is prompt={self.style}); "
+                "drop prompt.constrained or use prompt=tool"
+            )
         for i, example in enumerate(self.examples):
             if not (isinstance(example, (list, tuple)) and len(example) == 2):
                 raise PipelineError(f"prompt.examples[{i}] must be a [question, answer] pair")

@@ -45,9 +45,28 @@ def _parse_item(raw: object, index: int, source: str) -> Item:
     return Item(question, value, meta)
 
 
-def load_items(path: str | Path | None = None) -> list[Item]:
-    """All items of the data set at `path` (default: the shipped unit-conversion set)."""
-    file = Path(path).expanduser() if path else DEFAULT_PATH
+def shipped_sets() -> list[str]:
+    """Names of the data sets shipped with the package (`dataset.name`)."""
+    return sorted(p.stem for p in DEFAULT_PATH.parent.glob("*.json"))
+
+
+def dataset_file(path: str | Path | None = None, name: str | None = None) -> Path:
+    """The file to read: `path` when given, else the shipped set `name` (default: the unit-conversion set)."""
+    if path:
+        return Path(path).expanduser()
+    if not name:
+        return DEFAULT_PATH
+    file = DEFAULT_PATH.parent / f"{name}.json"
+    if not file.is_file():
+        raise PipelineError(
+            f"dataset.name={name!r} is not a shipped data set; choose one of: {', '.join(shipped_sets())}"
+        )
+    return file
+
+
+def load_items(path: str | Path | None = None, name: str | None = None) -> list[Item]:
+    """All items of the data set at `path`, else of the shipped set `name` (default: the unit-conversion set)."""
+    file = dataset_file(path, name)
     if not file.is_file():
         raise PipelineError(f"dataset file not found: {file}; fix dataset.path or leave it null for the shipped set")
     try:

@@ -6,7 +6,14 @@ import copy
 import time
 
 import torch
-from transformers import CompileConfig, DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    CompileConfig,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation import utils as _generation_utils
 
 from pipeline.config import GenerationConfig
@@ -46,6 +53,29 @@ class StopAtText(StoppingCriteria):
         for row in torch.nonzero(done).flatten().tolist():
             self.finished_at.setdefault(row, length)
         return done.to(input_ids.device)
+
+
+class AllowedTokens(LogitsProcessor):
+    """Constrained decoding in `generate`: each row may only pick a token its constraint allows.
+
+    The same `Constraint` objects as the engine's (`allowed(generated) -> ids | None`); a row whose
+    constraint allows nothing more (a finished form, or a padded row) is given EOS.
+    """
+
+    def __init__(self, constraints: list, prompt_len: int, eos_id: int):
+        self.constraints, self.prompt_len, self.eos_id = constraints, prompt_len, eos_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len :].tolist()
+        for row, constraint in enumerate(self.constraints):
+            allowed = constraint.allowed(generated[row]) if constraint is not None else None
+            if allowed is None:
+                continue
+            ids = torch.as_tensor(list(allowed) or [self.eos_id], device=scores.device)
+            kept = scores[row, ids].clone()
+            scores[row] = float("-inf")
+            scores[row, ids] = kept
+        return scores
 
 
 _CANDIDATE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
@@ -170,8 +200,13 @@ class Generator:
         inputs.update(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device))
         return inputs
 
-    def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
-        """Generate for all `prompts` in one left-padded batch with its attention mask."""
+    def batched_generate(
+        self, prompts: list[str], max_new_tokens: int | None = None, constraints: list | None = None
+    ) -> list[Generation]:
+        """Generate for all `prompts` in one left-padded batch with its attention mask.
+
+        `constraints[i]`, where given, limits row i's tokens (greedy or sampled within them; not with beams).
+        """
         _sync(self.device)
         start = time.perf_counter()
         inputs = self._inputs(prompts)
@@ -180,6 +215,9 @@ class Generator:
         kwargs = self._generate_kwargs(max_new_tokens)
         if self.cfg.num_beams == 1:
             kwargs["stopping_criteria"] = StoppingCriteriaList([stop])
+            if constraints and any(c is not None for c in constraints):
+                allowed = AllowedTokens(constraints, prompt_len, self.eos_ids[0])
+                kwargs["logits_processor"] = LogitsProcessorList([allowed])
         elif self.cfg.stop_string:  # beam search reorders rows: let transformers track the stop text
             kwargs.update(stop_strings=[self.cfg.stop_string], tokenizer=self.tokenizer)
         output = self.model.generate(**inputs, **kwargs)
@@ -196,6 +234,6 @@ class Generator:
             results.append(Generation(text, count, latency_s, first_token_s, hit_budget))
         return results
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
-        """Generate for one prompt."""
-        return self.batched_generate([prompt], max_new_tokens)[0]
+    def generate(self, prompt: str, max_new_tokens: int | None = None, constraint=None) -> Generation:
+        """Generate for one prompt (within `constraint`'s allowed tokens where given)."""
+        return self.batched_generate([prompt], max_new_tokens, [constraint] if constraint is not None else None)[0]

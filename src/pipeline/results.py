@@ -11,7 +11,7 @@ import csv
 import dataclasses
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from pipeline.data import Item
 from pipeline.scoring import is_correct, parse_answer, score
 
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
+FAILURES_FILE = "failures.csv"  # the wrong or missing answers with their failure class, beside predictions.csv
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Prediction:
     num_tokens: int
     form: str = ""  # the tool strategy's parsed `QUANTITY SOURCE -> TARGET`, else empty
     hit_budget: bool = False
+    # why the answer is wrong or missing ('' when correct): the tool strategy's class (no_form, unknown_unit,
+    # quantity_not_in_question, grounding_changed_unit, wrong_conversion), else no_answer or wrong_answer
+    failure: str = ""
 
 
 @dataclass
@@ -85,19 +89,25 @@ class StageResult:
     grader_padding_side: str = ""
     grader_loss_model: str = ""  # which model computed the loss (the run's own, or fp32 transformers)
     grader_diagnosis: str = ""
-    # accuracy per item family (e.g. mass, time) where the data set names families
+    # accuracy per item family (e.g. mass, time) and per phrasing template where the data set names them
     accuracy_by_family: dict[str, float] = field(default_factory=dict)
+    accuracy_by_template: dict[str, float] = field(default_factory=dict)
+    # wrong or missing answers per failure class (see Prediction.failure)
+    failures: dict[str, int] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
-        """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`."""
-        skip = {"name", "predictions", "accuracy_by_family"}
+        """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`,
+        template accuracies `<stage>/accuracy_by_template/<template>`, failure counts `<stage>/failures/<class>`."""
+        skip = {"name", "predictions", "accuracy_by_family", "accuracy_by_template", "failures"}
         metrics = {
             f"{self.name}/{k}": float(v)
             for k, v in vars(self).items()
             if k not in skip and isinstance(v, (int, float, bool)) and not (isinstance(v, float) and math.isnan(v))
         }
         metrics.update({f"{self.name}/accuracy/{family}": v for family, v in self.accuracy_by_family.items()})
+        metrics.update({f"{self.name}/accuracy_by_template/{t}": v for t, v in self.accuracy_by_template.items()})
+        metrics.update({f"{self.name}/failures/{kind}": float(n) for kind, n in self.failures.items()})
         return metrics
 
 
@@ -144,7 +154,7 @@ class RunResult:
 
 
 def save_results(result: RunResult, output_dir: Path) -> None:
-    """Write results.json and predictions.csv into the run folder (rewritten after every stage)."""
+    """Write results.json, predictions.csv and failures.csv into the run folder (rewritten after every stage)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / f".{RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(result.summary(), indent=2, default=str))
@@ -155,21 +165,34 @@ def save_results(result: RunResult, output_dir: Path) -> None:
         writer.writeheader()
         for stage in result.stages:
             writer.writerows(dataclasses.asdict(p) for p in stage.predictions)
+    with open(output_dir / FAILURES_FILE, "w", newline="") as handle:  # same columns, only the failed rows
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for stage in result.stages:
+            writer.writerows(dataclasses.asdict(p) for p in stage.predictions if p.failure)
 
 
-def _by_family(items: list[Item], correct: list[bool]) -> dict[str, float]:
+def _accuracy_by(key: str, items: list[Item], correct: list[bool]) -> dict[str, float]:
+    """Accuracy per value of the item meta field `key` (family, template), for the items that have it."""
     groups: dict[str, list[bool]] = defaultdict(list)
     for item, ok in zip(items, correct):
-        if "family" in item.meta:
-            groups[str(item.meta["family"])].append(ok)
-    return {family: sum(oks) / len(oks) for family, oks in sorted(groups.items())}
+        if key in item.meta:
+            groups[str(item.meta[key])].append(ok)
+    return {value: sum(oks) / len(oks) for value, oks in sorted(groups.items())}
+
+
+def _failure(parsed: float, correct: bool, explanation: str) -> str:
+    """The failure class of one answer: '' when correct, else the post-processing's explanation or a generic one."""
+    if correct:
+        return ""
+    return explanation or ("no_answer" if math.isnan(parsed) else "wrong_answer")
 
 
 def finish_stage(
     name: str,
     items: list[Item],
     generations: list[Generation],
-    processed: list[tuple[str, str]],
+    processed: list[tuple[str, str, str]],
     wall_time_s: float,
     tolerance: float,
     budget_s: float,
@@ -179,16 +202,21 @@ def finish_stage(
 ) -> StageResult:
     """Score a stage's outputs and compute its timing metrics; `items[i]` produced `generations[i]`.
 
+    `processed[i]` is (text to score, parsed tool form or '', the failure class should the answer be wrong).
+
     Rows of one batched call share a clock (same latency and first-token time): that call is counted
     once for first-token time and decode time, so decode tokens/s is not divided by the batch size.
     """
-    parsed = [parse_answer(text) for text, _ in processed]
+    parsed = [parse_answer(text) for text, _, _ in processed]
     correct = [is_correct(p, item.answer, tolerance) for p, item in zip(parsed, items)]
     result = score(parsed, [item.answer for item in items], tolerance)
     predictions = [
-        Prediction(name, i, item.question, item.answer, text, p, ok, g.latency_s, g.num_tokens, form, g.hit_budget)
-        for i, (item, g, (text, form), p, ok) in enumerate(zip(items, generations, processed, parsed, correct))
-    ]
+        Prediction(
+            name, i, item.question, item.answer, text, p, ok, g.latency_s, g.num_tokens, form, g.hit_budget,
+            _failure(p, ok, why),
+        )
+        for i, (item, g, (text, form, why), p, ok) in enumerate(zip(items, generations, processed, parsed, correct))
+    ]  # fmt: skip
     latencies = np.array([g.latency_s for g in generations]) if generations else np.array([math.nan])
     tokens = sum(g.num_tokens for g in generations)
     # one clock per generate call: the rows of a micro-batch share theirs
@@ -216,6 +244,8 @@ def finish_stage(
         micro_batch_size=micro_batch_size,
         complete=complete,
         num_hit_budget=sum(g.hit_budget for g in generations),
-        accuracy_by_family=_by_family(items, correct),
+        accuracy_by_family=_accuracy_by("family", items, correct),
+        accuracy_by_template=_accuracy_by("template", items, correct),
+        failures=dict(sorted(Counter(p.failure for p in predictions if p.failure).items())),
         predictions=predictions,
     )

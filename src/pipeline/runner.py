@@ -20,6 +20,7 @@ from pipeline.models import resolve_device
 from pipeline.prompts import build_prompt
 from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE, RunResult, StageResult, save_results
 from pipeline.stages import (
+    ConstraintFor,
     Postprocess,
     StageInterrupted,
     keep_output,
@@ -34,10 +35,20 @@ __all__ = ["PREDICTIONS_FILE", "RESULTS_FILE", "RunResult", "run_pipeline", "sav
 def make_postprocess(prompt: PromptConfig) -> Postprocess:
     """What turns a model output into the text that is scored, for the prompt strategy."""
     if prompt.style == "tool":
-        from pipeline.tool import solve
+        from pipeline.tool import registry, solve
 
+        registry()  # pint's registry loads in seconds: before the stages, not inside the first one
         return lambda text, question: solve(prompt.response_prefix + text, question)
     return with_prefix(prompt.response_prefix) if prompt.response_prefix else keep_output
+
+
+def make_constraint_for(prompt: PromptConfig, tokenizer) -> ConstraintFor | None:
+    """What limits the tokens generated for a question (prompt=tool with prompt.constrained), else None."""
+    if prompt.style != "tool" or not prompt.constrained:
+        return None
+    from pipeline.tool import form_constraint
+
+    return lambda question: form_constraint(question, tokenizer, prompt.pin_source)
 
 
 def _set_runtime(cfg: Config, device: torch.device) -> None:
@@ -98,7 +109,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
     """Run everything the config asks for; results land in `output_dir` after each stage."""
     device = resolve_device(cfg.runtime.device)
     _set_runtime(cfg, device)
-    items, warning = select(load_items(cfg.dataset.path), cfg.dataset.num_questions)
+    items, warning = select(load_items(cfg.dataset.path, cfg.dataset.name), cfg.dataset.num_questions)
     warnings = [warning] if warning else []
     generator, backend_warnings = load_backend(cfg, log)
     warnings += backend_warnings
@@ -128,6 +139,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
         result.prefix_time_s, result.warmup_time_s = prepare_backend(generator, prompts, cfg, log)
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         postprocess = make_postprocess(cfg.prompt)
+        constraint_for = make_constraint_for(cfg.prompt, generator.tokenizer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -140,6 +152,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     cfg.stages.single_budget_s,
                     overhead_s,
                     postprocess,
+                    constraint_for,
                 )
                 if cfg.stages.grader_loss:
                     grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
@@ -158,6 +171,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     overhead_s,
                     postprocess=postprocess,
                     sort_by_length=cfg.stages.sort_by_length,
+                    constraint_for=constraint_for,
                 )
                 if cfg.stages.grader_loss:
                     grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)

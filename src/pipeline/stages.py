@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -12,20 +13,32 @@ from pipeline.backends import Backend
 from pipeline.data import Item
 from pipeline.results import Generation, Prediction, StageResult, finish_stage
 
-__all__ = ["Postprocess", "Prediction", "StageInterrupted", "StageResult", "keep_output", "run_batched", "run_single"]
+__all__ = [
+    "ConstraintFor",
+    "Postprocess",
+    "Prediction",
+    "StageInterrupted",
+    "StageResult",
+    "keep_output",
+    "run_batched",
+    "run_single",
+]
 
-# (model output, question) -> (text to score, parsed tool form or ""); runs inside the timed region
-Postprocess = Callable[[str, str], tuple[str, str]]
+# (model output, question) -> (text to score, parsed tool form or "", failure class should the answer be wrong,
+# "" for the generic no_answer/wrong_answer); runs inside the timed region
+Postprocess = Callable[[str, str], tuple[str, str, str]]
+# question -> what limits its generated tokens (None: free); built inside the timed region, as it is a cost
+ConstraintFor = Callable[[str], Any]
 
 
-def keep_output(text: str, question: str) -> tuple[str, str]:
+def keep_output(text: str, question: str) -> tuple[str, str, str]:
     """The default post-processing: score the output as it is."""
-    return text, ""
+    return text, "", ""
 
 
 def with_prefix(prefix: str) -> Postprocess:
     """Put back the reply's start that the prompt already held (e.g. '<answer>')."""
-    return lambda text, question: (prefix + text, "")
+    return lambda text, question: (prefix + text, "", "")
 
 
 class StageInterrupted(KeyboardInterrupt):
@@ -71,13 +84,20 @@ def run_single(
     budget_s: float,
     overhead_s: float = 0.0,
     postprocess: Postprocess = keep_output,
+    constraint_for: ConstraintFor | None = None,
 ) -> StageResult:
-    """One `generate(prompt)` call per question, in a loop, timed as a whole and per call."""
+    """One `generate(prompt)` call per question, in a loop, timed as a whole and per call.
+
+    With `constraint_for`, each call gets the constraint built from its question (constrained decoding).
+    """
     generations: list[Generation | None] = [None] * len(prompts)
     start = time.perf_counter()
     try:
         for index, prompt in enumerate(tqdm(prompts, desc="single", unit="q", leave=False)):
-            generations[index] = generator.generate(prompt)
+            if constraint_for is None:
+                generations[index] = generator.generate(prompt)
+            else:
+                generations[index] = generator.generate(prompt, constraint=constraint_for(items[index].question))
     except KeyboardInterrupt:
         partial = _score("single", items, generations, postprocess, start, tolerance, budget_s, overhead_s, 1, False)
         raise StageInterrupted(partial) from None
@@ -94,11 +114,13 @@ def run_batched(
     overhead_s: float = 0.0,
     postprocess: Postprocess = keep_output,
     sort_by_length: bool = False,
+    constraint_for: ConstraintFor | None = None,
 ) -> StageResult:
     """`batched_generate` over micro-batches of the prompts; latency is per micro-batch.
 
     With `sort_by_length`, prompts of similar token length share a micro-batch (less padding to
-    compute); generations are put back in data-set order either way.
+    compute); generations are put back in data-set order either way. With `constraint_for`, each prompt
+    gets the constraint built from its question (once, even when an out-of-memory retry splits its batch).
     """
     start = time.perf_counter()
     order = list(range(len(prompts)))
@@ -106,13 +128,22 @@ def run_batched(
         lengths = generator.prompt_lengths(prompts)
         order.sort(key=lambda i: lengths[i])
     generations: list[Generation | None] = [None] * len(prompts)
+    constraints: dict[int, Any] = {}  # prompt index -> its constraint, built once
     size, oom_retries, begin = micro_batch_size, 0, 0
     progress = tqdm(total=len(prompts), desc="batched", unit="q", leave=False)
     try:
         while begin < len(prompts):
             chunk = order[begin : begin + size]
             try:
-                outputs = generator.batched_generate([prompts[i] for i in chunk])
+                if constraint_for is None:
+                    outputs = generator.batched_generate([prompts[i] for i in chunk])
+                else:
+                    for i in chunk:
+                        if i not in constraints:
+                            constraints[i] = constraint_for(items[i].question)
+                    outputs = generator.batched_generate(
+                        [prompts[i] for i in chunk], constraints=[constraints[i] for i in chunk]
+                    )
             except (torch.OutOfMemoryError, RuntimeError) as error:
                 if not _is_out_of_memory(error) or size == 1:
                     raise

@@ -73,6 +73,10 @@ def format_summary(result: RunResult) -> str:
             f"{graded[0].grader_loss_model}"
         )
         table += "".join(f"\n{s.name} diagnosis: {s.grader_diagnosis}" for s in graded if s.grader_diagnosis)
+    for s in result.stages:  # why answers fail, at a glance (the rows are in failures.csv)
+        if s.failures:
+            counts = ", ".join(f"{kind} {n}" for kind, n in sorted(s.failures.items(), key=lambda kv: -kv[1]))
+            table += f"\n{s.name} failures: {counts}"
     return table
 
 

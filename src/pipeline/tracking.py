@@ -20,12 +20,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline.errors import PipelineError
-from pipeline.results import PREDICTIONS_FILE, RESULTS_FILE, Prediction
+from pipeline.results import FAILURES_FILE, PREDICTIONS_FILE, RESULTS_FILE, Prediction
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 TRACKING_FILE = "tracking.json"  # in the run folder: where the run was (to be) logged
 DATASET_FILE = "dataset.json"  # in the run folder: name, digest and source of the questions the run evaluated
 PREDICTIONS_TABLE = "predictions.json"  # the predictions as an MLflow table (the UI shows it as one)
+FAILURES_TABLE = "failures.json"  # the wrong or missing answers with their failure class, as an MLflow table
 FOLDER_TAG = "run_folder"
 STATUS_BY_RESULT = {"finished": "FINISHED", "killed": "KILLED", "running": "FAILED", "failed": "FAILED"}
 
@@ -212,12 +213,11 @@ def dataset_record(config: dict) -> dict | None:
     The digest covers exactly the questions and answers used (the first `dataset.num_questions`), so runs
     on the same questions share it and any change to them shows.
     """
-    from pipeline.data import load_items, select
-    from pipeline.datagen import DEFAULT_PATH
+    from pipeline.data import dataset_file, load_items, select
 
     dataset = config.get("dataset") or {}
-    path = Path(dataset.get("path") or DEFAULT_PATH).expanduser().resolve()
     try:
+        path = dataset_file(dataset.get("path"), dataset.get("name")).resolve()
         items, _ = select(load_items(path), int(dataset.get("num_questions") or 32))
     except (PipelineError, ValueError, TypeError):  # the run itself reports a bad data set
         return None
@@ -275,7 +275,7 @@ def _log_folder(client, run_id: str, output_dir: Path, config: dict | None = Non
     for begin in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[begin : begin + 500])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    for name in (RESULTS_FILE, PREDICTIONS_FILE):
+    for name in (RESULTS_FILE, PREDICTIONS_FILE, FAILURES_FILE):
         if (output_dir / name).is_file():
             client.log_artifact(run_id, str(output_dir / name))
     hydra_dir = output_dir / ".hydra"
@@ -317,11 +317,15 @@ def predictions_table(predictions_csv: Path) -> dict[str, list]:
 
 
 def _log_predictions_table(client, run_id: str, output_dir: Path) -> None:
-    file = output_dir / PREDICTIONS_FILE
-    # log_table appends to a table that exists: log it once, so a later sync adds no second copy of the rows
-    if not file.is_file() or PREDICTIONS_TABLE in {a.path for a in client.list_artifacts(run_id)}:
-        return
-    client.log_table(run_id, predictions_table(file), PREDICTIONS_TABLE)
+    """predictions.csv and failures.csv (same columns, only the failed rows) as MLflow tables."""
+    logged = {a.path for a in client.list_artifacts(run_id)}
+    for csv_name, table in ((PREDICTIONS_FILE, PREDICTIONS_TABLE), (FAILURES_FILE, FAILURES_TABLE)):
+        file = output_dir / csv_name
+        # log_table appends to a table that exists: log it once, so a later sync adds no second copy of the rows
+        if file.is_file() and table not in logged:
+            columns = predictions_table(file)
+            if any(columns.values()):  # a run without failures gets no empty table
+                client.log_table(run_id, columns, table)
 
 
 def finish_run(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.config import BACKENDS, Config
 from pipeline.errors import PipelineError
 from pipeline.results import Generation
+
+if TYPE_CHECKING:
+    from pipeline.engine import Constraint
 
 
 @dataclass
@@ -41,9 +44,19 @@ class Backend(Protocol):
         """Compute once what every prompt shares (KV cache of the common prefix); returns the seconds it took."""
         ...
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation: ...
+    def generate(
+        self, prompt: str, max_new_tokens: int | None = None, constraint: Constraint | None = None
+    ) -> Generation: ...
 
-    def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]: ...
+    def batched_generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        constraints: list[Constraint | None] | None = None,
+    ) -> list[Generation]:
+        """Generate for every prompt; `constraints[i]`, where given, limits the tokens of prompt i (greedy within
+        its allowed tokens). A backend that cannot apply constraints warns at load and decodes freely."""
+        ...
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Token length of each prompt as this backend tokenizes it."""

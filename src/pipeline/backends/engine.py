@@ -9,7 +9,7 @@ import torch
 
 from pipeline.backends import BackendInfo, ignored_settings
 from pipeline.config import Config
-from pipeline.engine import Engine, EngineUnsupported, StopTokens
+from pipeline.engine import Constraint, Engine, EngineUnsupported, StopTokens
 from pipeline.errors import PipelineError
 from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
 from pipeline.results import Generation
@@ -117,8 +117,16 @@ class EngineBackend:
         self.prefix_ids = encoded[0][:length]
         return time.perf_counter() - start
 
-    def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
-        """All `prompts`, continuously batched over the slots; rows share one clock as in a batched call."""
+    def batched_generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        constraints: list[Constraint | None] | None = None,
+    ) -> list[Generation]:
+        """All `prompts`, continuously batched over the slots; rows share one clock as in a batched call.
+
+        `constraints[i]`, where given, limits prompt i's tokens at every step (the engine's `Constraint`).
+        """
         start = time.perf_counter()
         first_token_at: list[float] = []
         budget = max_new_tokens or self.cfg.max_new_tokens
@@ -129,6 +137,7 @@ class EngineBackend:
                 self.stopper,
                 self.slots,
                 on_first_token=lambda: first_token_at.append(time.perf_counter()),
+                constraints=constraints,
             )
         latency_s = time.perf_counter() - start
         first_token_s = first_token_at[0] - start if first_token_at else float("nan")
@@ -143,9 +152,11 @@ class EngineBackend:
             for seq in sequences
         ]
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
+    def generate(
+        self, prompt: str, max_new_tokens: int | None = None, constraint: Constraint | None = None
+    ) -> Generation:
         """Generate for one prompt."""
-        return self.batched_generate([prompt], max_new_tokens)[0]
+        return self.batched_generate([prompt], max_new_tokens, [constraint] if constraint is not None else None)[0]
 
     def loss_model(self):
         """The transformers model the engine took its weights from, in fp32."""

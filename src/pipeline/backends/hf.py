@@ -25,6 +25,11 @@ class TransformersBackend(Generator):
         self.loaded = load_model(cfg.model, device, dtype, cfg.attention.implementation, cfg.runtime.seed, int8)
         super().__init__(self.loaded.model, self.loaded.tokenizer, cfg.generation, compile_mode=cfg.runtime.compile)
         self.warnings: list[str] = []
+        if cfg.prompt.constrained and cfg.generation.num_beams != 1:
+            self.warnings.append(
+                "prompt.constrained is not applied with beam search (generation.num_beams > 1); the tool form "
+                "is decoded freely and checked afterwards"
+            )
         if device.type == "cpu" and dtype == torch.float16:
             self.warnings.append(
                 "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here"

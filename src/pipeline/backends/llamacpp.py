@@ -24,6 +24,7 @@ IGNORED = [
     ("runtime.compile", "off", "its kernels are compiled C++ already"),
     ("generation.cache_implementation", "dynamic", "it keeps its own KV cache"),
     ("generation.prefix_cache", True, "it reuses the matching prefix of the previous prompt by itself"),
+    ("prompt.constrained", False, "it decodes the tool form freely; the form is grounded and checked afterwards"),
 ]
 
 
@@ -110,8 +111,9 @@ class LlamaCppBackend:
             self._loss_model = loaded.model
         return self._loss_model, self.tokenizer, "transformers fp32, same weights (llama.cpp has no torch model)"
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
-        """Greedy generation for one prompt, stopping at EOS or the configured stop text."""
+    def generate(self, prompt: str, max_new_tokens: int | None = None, constraint=None) -> Generation:
+        """Greedy generation for one prompt, stopping at EOS or the configured stop text (`constraint` is not
+        applied: a warning at load says so)."""
         budget = max_new_tokens or self.cfg.max_new_tokens
         stop = self.cfg.stop_string or None
         start = time.perf_counter()
@@ -134,8 +136,11 @@ class LlamaCppBackend:
         text = self.llm.detokenize([t for t in generated if t != self.eos]).decode(errors="ignore")
         return Generation(text, len(generated), time.perf_counter() - start, first_token_s, hit_budget=not stopped)
 
-    def batched_generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Generation]:
-        """llama-cpp-python's high-level API has no batched decoding: the prompts run one after another."""
+    def batched_generate(
+        self, prompts: list[str], max_new_tokens: int | None = None, constraints=None
+    ) -> list[Generation]:
+        """llama-cpp-python's high-level API has no batched decoding: the prompts run one after another
+        (`constraints` are not applied: a warning at load says so)."""
         start = time.perf_counter()
         results = [self.generate(p, max_new_tokens) for p in prompts]
         latency_s = time.perf_counter() - start
