@@ -133,3 +133,35 @@ def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
         free, constrained = engine.generate([ids, ids], 6, never, 2, constraints=[None, Path()])
     assert constrained.generated == [preferred, 7, 8] and not constrained.hit_budget
     assert len(free.generated) == 6 and free.hit_budget
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt):
+    """The one-call-per-layer kernel (decode steps, short prefills) against the eager path on the same weights.
+
+    Prompts of different lengths and a shared prefix, 3 slots: the kernel's per-row slots and positions,
+    its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens.
+    """
+    from pipeline import kernels
+
+    if not kernels.available():
+        pytest.skip(f"the fused kernel needs the AVX2 extension: {kernels.unavailable_reason()}")
+    tokenizer = tiny.tokenizer
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:5]]
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    shared = 0
+    while all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    results = {}
+    for fused in (True, False):
+        engine = Engine(tiny.model, fmt, max_kernel_rows=64)
+        assert engine.fused_rows == 64
+        if not fused:
+            engine.fused_rows = 0
+        with torch.inference_mode():
+            engine.set_prefix(prompts[0][: shared - 4])  # the kernel prefills the rest of each prompt
+            generated = [seq.generated for seq in engine.generate(prompts, 8, stopper, slots=3)]
+            step = engine.decode_one_token(torch.tensor([5, 9]), torch.tensor([shared + 3, shared + 1]))
+        results[fused] = generated, step
+    assert results[True][0] == results[False][0]
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)

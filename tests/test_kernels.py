@@ -211,3 +211,36 @@ def test_fake_implementations_let_torch_compile_trace_the_ops(built):
     compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")
     _check(compiled(x), two_layers(x))
     torch.library.opcheck(torch.ops.pipeline.q4_linear.default, (x, *q4), test_utils=("test_schema", "test_faketensor"))
+
+
+def quantize_x_int8(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8-activation path sees it: per 32 values, round(x / d) * d with d = max|x| / 127."""
+    blocks = x.reshape(*x.shape[:-1], -1, GROUP)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
+    return (q * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("k,n", [(64, 8), (576, 963), (1536, 576)])
+def test_int8_activations_multiply_the_weights_with_x_rounded_to_int8(built, k, n):
+    """One row with int8_x: exactly the product with x quantized per 32 (up to float summation order).
+
+    The tolerance is far below the rounding of x itself, so a kernel that ignored the flag (computing
+    with x unrounded) or that rounded x any other way fails.
+    """
+    generator = torch.Generator().manual_seed(k + n)
+    x = torch.randn(1, k, generator=generator) * torch.rand(1, k, generator=generator) * 4
+    xq = quantize_x_int8(x)
+    for weights, op, dequantize in (
+        (random_q4(n, k, generator), torch.ops.pipeline.q4_linear, kernels.dequantize_q4),
+        (random_q8(n, k, generator), torch.ops.pipeline.q8_linear, kernels.dequantize_q8),
+    ):
+        w = dequantize(*weights)
+        got = op(x, *weights, int8_x=True)
+        exact, rounded = x @ w.t(), xq @ w.t()
+        scale = (x.abs() @ w.abs().t()).max()
+        assert ((got - rounded).abs().max() / scale) < 2e-6
+        assert ((exact - rounded).abs().max() / scale) > 1e-4  # the rounding is visible at this tolerance
+        # more than one row: the flag is for single-row decoding, the fp32 path runs
+        two = op(torch.cat([x, x]), *weights, int8_x=True)
+        torch.testing.assert_close(two[0], exact[0], rtol=1e-5, atol=1e-5 * float(scale))

@@ -68,13 +68,13 @@ class Linear:
 
             self.packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
         if self.packed and x.shape[0] <= self.max_kernel_rows:
             from pipeline import kernels
 
             if self.fmt == "q4":
-                return kernels.q4_linear(x, *self.packed)
-            return kernels.q8_linear(x, *self.packed)
+                return kernels.q4_linear(x, *self.packed, int8_x=int8_x)
+            return kernels.q8_linear(x, *self.packed, int8_x=int8_x)
         return x @ self.weight_t
 
     def decode_bytes(self) -> int:
@@ -104,6 +104,14 @@ class Layer:
         self.attn_norm = block.input_layernorm.weight.detach().float()
         self.mlp_norm = block.post_attention_layernorm.weight.detach().float()
         self.intermediate = mlp.gate_proj.weight.shape[0]
+        # what the fused layer kernel reads, in its order (empty in fp32)
+        self.packed = [t for m in (self.qkv, self.o, self.gate_up, self.down) for t in m.packed]
+
+
+def _fused_kernel_available() -> bool:
+    from pipeline import kernels
+
+    return kernels.available()
 
 
 def _interleave_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -116,7 +124,9 @@ def _interleave_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
 class Engine:
     """Weights, KV cache and the prefill/decode steps of one model; `generate` runs a list of prompts."""
 
-    def __init__(self, model, fmt: str = "fp32", slots: int = 1, max_kernel_rows: int = 8):
+    def __init__(
+        self, model, fmt: str = "fp32", slots: int = 1, max_kernel_rows: int = 8, int8_activations: bool = False
+    ):
         if fmt not in FORMATS:
             raise PipelineError(f"engine weight format {fmt!r} is not one of {', '.join(FORMATS)}")
         config = model.config
@@ -140,6 +150,11 @@ class Engine:
         self.lm_head = Linear(head, "q8" if fmt == "q4" else fmt, max_kernel_rows)
         self._rotary = inner.rotary_emb
         self.rotations = torch.empty(0, dtype=torch.complex64)
+        self.rotations_real = torch.empty(0)  # the same as [length, dim/2, (cos, sin)] for the fused kernel
+        # rows up to which one step runs as one fused kernel call per layer (0: never, the eager path)
+        self.fused_rows = max_kernel_rows if fmt != "fp32" and _fused_kernel_available() else 0
+        # one-row decoding multiplies q4/q8 weights with activations quantized to int8 (llama.cpp's way)
+        self.int8_x = int8_activations
         self.slots, self.capacity = 0, 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
@@ -171,6 +186,7 @@ class Engine:
         cos, sin = self._rotary(self.embedding[:1].unsqueeze(0), positions)
         half = self.head_dim // 2  # transformers' tables repeat the angles for the second half of a head
         self.rotations = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [length, dim/2]
+        self.rotations_real = torch.view_as_real(self.rotations).contiguous()
         self._write_prefix()
 
     def _write_prefix(self) -> None:
@@ -217,7 +233,11 @@ class Engine:
         return qk[:, :heads], qk[:, heads:], v
 
     def _prefill(self, batch: list[tuple[int, Sequence]], logits: bool = True) -> torch.Tensor | None:
-        """Run the new tokens of each (slot, sequence) as one packed sequence; returns each one's last logits."""
+        """Run the new tokens of each (slot, sequence) as one packed sequence.
+
+        Returns each sequence's last hidden state after the final norm (the lm_head's input; `_accept`
+        decides which logits it needs), or None with `logits=False`.
+        """
         tokens, positions, slots = [], [], []
         spans = []  # (slot, first position, length, offset in the packed sequence)
         for slot, seq in batch:
@@ -228,6 +248,12 @@ class Engine:
             spans.append((slot, start, len(seq.suffix), len(tokens) - len(seq.suffix)))
             seq.position = start + len(seq.suffix)
         token_ids, pos, slot_ids = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
+        if len(tokens) <= self.fused_rows:
+            h = self._fused_layers(token_ids, slot_ids, pos)
+            if not logits:
+                return None
+            last = torch.tensor([offset + length - 1 for _, _, length, offset in spans])
+            return self._norm(h[last], self.norm)
         masks = [
             torch.arange(start + length).unsqueeze(0) <= torch.arange(start, start + length).unsqueeze(1)
             for _, start, length, _ in spans
@@ -250,7 +276,7 @@ class Engine:
         if not logits:
             return None
         last = torch.tensor([offset + length - 1 for _, _, length, offset in spans])
-        return self.lm_head(self._norm(h[last], self.norm))
+        return self._norm(h[last], self.norm)
 
     def _attend_one(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hidden_mask) -> torch.Tensor:
         """Attention of one new query per row ([B, heads, dim]) over the cache ([B, kv_heads, S, dim]).
@@ -268,9 +294,15 @@ class Engine:
 
     def decode_one_token(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for the running rows 0..B-1: `tokens` [B] at `positions` [B] in; logits [B, vocab] out."""
+        return self.lm_head(self._decode_hidden(tokens, positions))
+
+    def _decode_hidden(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`decode_one_token` up to the lm_head: the final-norm hidden state of each row [B, hidden]."""
         rows = tokens.shape[0]
         length = int(positions.max()) + 1
         slot_ids = torch.arange(rows)
+        if rows <= self.fused_rows:
+            return self._norm(self._fused_layers(tokens, slot_ids, positions), self.norm)
         # a key is visible to a row up to the row's own position (rows differ in length)
         mask = None if rows == 1 else (torch.arange(length).unsqueeze(0) > positions.unsqueeze(1))[:, None, None]
         h = self.embedding[tokens]
@@ -282,7 +314,17 @@ class Engine:
             out = self._attend_one(q, k_cache[:rows, :, :length], v_cache[:rows, :, :length], mask)
             h = h + layer.o(out)
             h = self._mlp(layer, h)
-        return self.lm_head(self._norm(h, self.norm))
+        return self._norm(h, self.norm)
+
+    def _fused_layers(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states after every layer for rows `tokens` at (slot, position), one kernel call per layer."""
+        h = self.embedding[tokens]  # indexing copies: h is the rows' own buffer, updated in place
+        for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
+            torch.ops.pipeline.decoder_layer(
+                h, slot_ids, positions, k_cache, v_cache, self.rotations_real,
+                layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
+            )  # fmt: skip
+        return h
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits of every position of one token sequence, without the cache (the reference for tests)."""
@@ -336,36 +378,49 @@ class Engine:
                 while waiting and len(running) + len(admitted) < slots:
                     admitted.append(waiting.pop())
                 first = len(running)
-                next_tokens = self._prefill([(first + i, seq) for i, seq in enumerate(admitted)])
+                hidden = self._prefill([(first + i, seq) for i, seq in enumerate(admitted)])
                 if on_first_token is not None:
                     on_first_token()
                     on_first_token = None
                 running += admitted
-                self._accept(admitted, next_tokens, stopper)
+                self._accept(admitted, hidden, stopper)
             else:
                 tokens = torch.tensor([seq.generated[-1] for seq in running])
                 positions = torch.tensor([seq.position for seq in running])
-                next_tokens = self.decode_one_token(tokens, positions)
+                hidden = self._decode_hidden(tokens, positions)
                 for seq in running:
                     seq.position += 1
-                self._accept(running, next_tokens, stopper)
+                self._accept(running, hidden, stopper)
             if any(seq.done for seq in running):
                 running = self._compact(running, finished)
         if overwrites:
             self._write_prefix()
         return sorted(finished, key=lambda seq: seq.index)
 
-    def _accept(self, rows: list[Sequence], logits: torch.Tensor, stopper: StopTokens) -> None:
-        """Greedy choice of each row's next token (among the allowed ones where a constraint says), then stop rules."""
-        tokens = logits.argmax(dim=-1).tolist()
-        for row, (seq, token) in enumerate(zip(rows, tokens)):
-            allowed = seq.constraint.allowed(seq.generated) if seq.constraint is not None else None
-            if allowed is not None:
-                if not allowed:  # nothing may follow: the constrained text is complete
+    def _accept(self, rows: list[Sequence], hidden: torch.Tensor, stopper: StopTokens) -> None:
+        """Greedy choice of each row's next token (among the allowed ones where a constraint says), then stop rules.
+
+        `hidden` holds each row's final-norm hidden state. Only rows decoding freely need the full lm_head
+        (a third of a decode step's weight reads); a constrained row scores just its allowed tokens, and
+        one whose next token is forced scores nothing.
+        """
+        allowed = [seq.constraint.allowed(seq.generated) if seq.constraint is not None else None for seq in rows]
+        free = [row for row, choices in enumerate(allowed) if choices is None]
+        tokens = dict.fromkeys(range(len(rows)), 0)
+        if free:
+            logits = self.lm_head(hidden if len(free) == len(rows) else hidden[free], self.int8_x)
+            tokens.update(zip(free, logits.argmax(dim=-1).tolist()))
+        for row, (seq, choices) in enumerate(zip(rows, allowed)):
+            token = tokens[row]
+            if choices is not None:
+                if not choices:  # nothing may follow: the constrained text is complete
                     seq.done = True
                     continue
-                choices = torch.as_tensor(allowed)
-                token = int(choices[logits[row, choices].argmax()])
+                if len(choices) == 1:
+                    token = int(choices[0])
+                else:
+                    ids = torch.as_tensor(choices)
+                    token = int(ids[(hidden[row] @ self.lm_head.weight_t[:, ids]).argmax()])
             seq.generated.append(token)
             if stopper.stops(seq.generated):
                 seq.done = True

@@ -86,12 +86,16 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("pipeline::q4_linear")
-    def _(x, qweight, scales, mins):
+    def _(x, qweight, scales, mins, int8_x=False):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("pipeline::q8_linear")
-    def _(x, qweight, scales):
+    def _(x, qweight, scales, int8_x=False):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+    @torch.library.register_fake("pipeline::decoder_layer")
+    def _(h, slots, positions, k_cache, v_cache, rotations, attn_norm, mlp_norm, eps, heads, weights, int8_x=False):
+        return None
 
     _register_fakes.done = True
 
@@ -149,15 +153,17 @@ def dequantize_q8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (q * scales[..., None]).reshape(qweight.shape[0], -1)
 
 
-def q4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """x [..., K] fp32 @ dequantize_q4(...).T -> [..., N] fp32."""
+def q4_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, int8_x: bool = False
+) -> torch.Tensor:
+    """x [..., K] fp32 @ dequantize_q4(...).T -> [..., N] fp32 (`int8_x`: see `Engine`'s activations)."""
     if available():
-        return torch.ops.pipeline.q4_linear(x, qweight, scales, mins)
+        return torch.ops.pipeline.q4_linear(x, qweight, scales, mins, int8_x)
     return x @ dequantize_q4(qweight, scales, mins).t()
 
 
-def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [..., K] fp32 @ dequantize_q8(...).T -> [..., N] fp32."""
+def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
+    """x [..., K] fp32 @ dequantize_q8(...).T -> [..., N] fp32 (`int8_x`: see `Engine`'s activations)."""
     if available():
-        return torch.ops.pipeline.q8_linear(x, qweight, scales)
+        return torch.ops.pipeline.q8_linear(x, qweight, scales, int8_x)
     return x @ dequantize_q8(qweight, scales).t()

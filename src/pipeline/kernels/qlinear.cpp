@@ -31,6 +31,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -180,8 +181,104 @@ void column(const W& w, int64_t n, int64_t b0, int64_t b1, const float* xp, int6
 }
 static_assert(kRows == 8, "column() dispatches on up to 8 rows");
 
+// ------------------------------------------------------------------ M = 1 with int8 activations
+//
+// Dequantizing in fp32 costs about 10 cycles per block of 32 weights on one Zen core: two cores then
+// read 13-14 GB/s of q4 weights where DRAM gives 20. llama.cpp's answer, taken here as an option
+// (`int8_x`): quantize x once per call to int8 in blocks of 32 (scale max|x| / 127, like its Q8_0),
+// then each weight block is one integer dot product of 32 bytes (maddubs + madd), about 5 cycles.
+// The result differs from the fp32 path by x's rounding (relative 1/254 per block at most); the
+// weights are read exactly as stored.
+
+struct XQ8 {
+  std::vector<int8_t> q;  // [K]
+  std::vector<float> d;   // [K/32] scale per block
+  std::vector<float> s;   // [K/32] d * sum(q): what a q4 block's min multiplies
+};
+
+XQ8 quantize_x(const float* x, int64_t K) {
+  XQ8 out{std::vector<int8_t>(K), std::vector<float>(K / kBlock), std::vector<float>(K / kBlock)};
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.f;
+    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < kBlock; ++j) {
+      const int q = static_cast<int>(std::nearbyint(xb[j] * id));
+      out.q[b * kBlock + j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    out.d[b] = d;
+    out.s[b] = d * static_cast<float>(sum);
+  }
+  return out;
+}
+
+// 16 bytes of a q4 block as its 32 values 0..15 in element order (low nibbles, then high nibbles).
+inline __m256i q4_values(const uint8_t* bytes) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i low = _mm_set1_epi8(0xF);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
+
+// Sums of products of 32 unsigned bytes and 32 signed bytes, as 8 int32 lanes turned float.
+inline __m256 dot32(__m256i u, __m256i s) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+template <int C>
+void rows_i8(const Q4Weights& w, int64_t n0, const XQ8& x, float* y) {
+  __m256 acc[C];
+  float mins[C];
+  UNROLL for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps(), mins[c] = 0.f;
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * kBlock));
+    UNROLL for (int c = 0; c < C; ++c) {
+      const int64_t n = n0 + c, at = n * w.nb + b;
+      const __m256 p = dot32(q4_values(w.q + n * (w.K / 2) + b * (kBlock / 2)), xv);
+      acc[c] = _mm256_fmadd_ps(p, _mm256_set1_ps(w.d[at] * x.d[b]), acc[c]);
+      mins[c] += w.m[at] * x.s[b];
+    }
+  }
+  UNROLL for (int c = 0; c < C; ++c) y[n0 + c] = hsum(acc[c]) + mins[c];
+}
+
+template <int C>
+void rows_i8(const Q8Weights& w, int64_t n0, const XQ8& x, float* y) {
+  __m256 acc[C];
+  UNROLL for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.nb; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * kBlock));
+    UNROLL for (int c = 0; c < C; ++c) {
+      const int64_t n = n0 + c;
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.q + n * w.K + b * kBlock));
+      // maddubs wants one unsigned operand: |w| and x with w's sign (-128 never occurs: q is in -127..127)
+      const __m256 p = dot32(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+      acc[c] = _mm256_fmadd_ps(p, _mm256_set1_ps(w.d[n * w.nb + b] * x.d[b]), acc[c]);
+    }
+  }
+  UNROLL for (int c = 0; c < C; ++c) y[n0 + c] = hsum(acc[c]);
+}
+
 template <class W>
-void run(const W& w, const float* x, int64_t M, int64_t N, int64_t K, float* y, double bytes_per_weight) {
+void gemv_i8(const W& w, const float* x, int64_t N, int64_t K, float* y) {
+  const XQ8 xq = quantize_x(x, K);
+  const int64_t grain = std::max<int64_t>(kColsDecode, kMinMacsPerThread / K);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    int64_t n = begin;
+    for (; n + kColsDecode <= end; n += kColsDecode) rows_i8<kColsDecode>(w, n, xq, y);
+    for (; n < end; ++n) rows_i8<1>(w, n, xq, y);
+  });
+}
+
+template <class W>
+void run(const W& w, const float* x, int64_t M, int64_t N, int64_t K, float* y, double bytes_per_weight,
+         bool int8_x = false) {
+  if (M == 1 && int8_x) {
+    gemv_i8(w, x, N, K, y);
+    return;
+  }
   const int64_t nb = K / kBlock;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / (K * M));  // in weight rows
 
@@ -257,7 +354,7 @@ at::Tensor output_like(const at::Tensor& x, int64_t N) {
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& mins) {
+                     const at::Tensor& mins, bool int8_x) {
   const at::Tensor x2 = check_inputs("q4_linear", x, qweight, at::kByte, 2, scales);
   TORCH_CHECK(mins.scalar_type() == at::kFloat && mins.is_contiguous() && mins.sizes() == scales.sizes(),
               "q4_linear: mins must be contiguous float32 shaped like scales ", scales.sizes(), ", got ",
@@ -266,29 +363,273 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   at::Tensor y = output_like(x, N);
   if (M == 0 || N == 0) return y;
   const Q4Weights w{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), K, K / kBlock};
-  run(w, x2.data_ptr<float>(), M, N, K, y.data_ptr<float>(), 0.5 + 8.0 / kBlock);
+  run(w, x2.data_ptr<float>(), M, N, K, y.data_ptr<float>(), 0.5 + 8.0 / kBlock, int8_x);
   return y;
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, bool int8_x) {
   const at::Tensor x2 = check_inputs("q8_linear", x, qweight, at::kChar, 1, scales);
   const int64_t M = x2.size(0), K = x2.size(1), N = qweight.size(0);
   at::Tensor y = output_like(x, N);
   if (M == 0 || N == 0) return y;
   const Q8Weights w{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), K, K / kBlock};
-  run(w, x2.data_ptr<float>(), M, N, K, y.data_ptr<float>(), 1.0 + 4.0 / kBlock);
+  run(w, x2.data_ptr<float>(), M, N, K, y.data_ptr<float>(), 1.0 + 4.0 / kBlock, int8_x);
   return y;
+}
+
+
+// ------------------------------------------------------------------ one decoder layer, fused
+
+// The engine's decode step in eager PyTorch spends more time between operators (about 20 of them per
+// layer: norms, the rotary multiply, cache writes, attention's matmuls and softmax, residual adds, each
+// dispatched from Python and most forking the thread pool) than in the weight kernels. For the rows of a
+// decoding step or a short prefill this runs one whole Llama layer in one call instead.
+
+// One packed weight matrix: q4 (uint8 qweight, scales, mins) or q8 (int8 qweight, scales).
+struct Packed {
+  at::Tensor q, d, m;
+  int64_t N = 0, K = 0;
+
+  void apply(const float* x, int64_t M, float* y, bool int8_x) const {
+    if (m.defined()) {
+      const Q4Weights w{q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), K, K / kBlock};
+      run(w, x, M, N, K, y, 0.5 + 8.0 / kBlock, int8_x);
+    } else {
+      const Q8Weights w{q.data_ptr<int8_t>(), d.data_ptr<float>(), K, K / kBlock};
+      run(w, x, M, N, K, y, 1.0 + 4.0 / kBlock, int8_x);
+    }
+  }
+};
+
+// Takes the next matrix from `weights` (three tensors for q4, two for q8), checked like the ops' inputs.
+Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K, const char* name) {
+  TORCH_CHECK(i + 2 <= weights.size(), "decoder_layer: weights end before ", name);
+  Packed p;
+  p.q = weights[i++];
+  p.d = weights[i++];
+  const bool q4 = p.q.scalar_type() == at::kByte;
+  if (q4) {
+    TORCH_CHECK(i < weights.size(), "decoder_layer: ", name, " is q4 and needs mins");
+    p.m = weights[i++];
+  }
+  const at::Tensor x = at::empty({1, K}, at::kFloat);
+  check_inputs(name, x, p.q, q4 ? at::kByte : at::kChar, q4 ? 2 : 1, p.d);
+  if (q4)
+    TORCH_CHECK(p.m.scalar_type() == at::kFloat && p.m.is_contiguous() && p.m.sizes() == p.d.sizes(), name,
+                ": mins must be contiguous float32 shaped like scales");
+  p.N = p.q.size(0);
+  p.K = K;
+  return p;
+}
+
+void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, double eps, float* y) {
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xr = x + r * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
+    for (int64_t i = 0; i < H; ++i) y[r * H + i] = xr[i] * inv * w[i];
+  }
+}
+
+// exp of 8 floats (Cephes' expf: 2^n * a degree-6 polynomial of the remainder; within 2 ulp of expf),
+// for the softmax and SiLU: scalar std::exp made those a tenth of a prefill's time.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Sums of four vectors' lanes: {sum(a), sum(b), sum(c), sum(d)}.
+inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// Attention of one row's query heads that share a key/value head (GQA: `groups` of them) over its
+// slot's cache, keys 0..length-1; `scores` holds groups * length floats. Written so that no FMA waits on
+// the one before it: four keys' dot products at a time, and the weighted sum of values accumulates in
+// one register per 8 dimensions (a single chain of dependent FMAs ran at a quarter of the speed).
+void attend(const float* q, const float* keys, const float* values, int64_t length, int64_t groups, int64_t D,
+            float* scores, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const __m128 scale4 = _mm_set1_ps(scale);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* qg = q + g * D;
+    float* s = scores + g * length;
+    int64_t j = 0;
+    for (; j + 4 <= length; j += 4) {
+      const float* k = keys + j * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < D; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qg + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + i), a3);
+      }
+      _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), scale4));
+    }
+    for (; j < length; ++j) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(keys + j * D + i), acc);
+      s[j] = hsum(acc) * scale;
+    }
+    float top = -INFINITY;
+    for (j = 0; j < length; ++j) top = std::max(top, s[j]);
+    const __m256 top8 = _mm256_set1_ps(top);
+    __m256 sum8 = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= length; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
+      _mm256_storeu_ps(s + j, e);
+      sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = hsum(sum8);
+    for (; j < length; ++j) {
+      s[j] = std::exp(s[j] - top);
+      total += s[j];
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / total);
+    float* og = out + g * D;
+    for (int64_t i0 = 0; i0 < D; i0 += 64) {
+      const int64_t chunks = std::min<int64_t>(8, (D - i0) / 8);
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (j = 0; j < length; ++j) {
+        const __m256 p = _mm256_set1_ps(s[j]);
+        const float* v = values + j * D + i0;
+        if (chunks == 8) {
+          UNROLL for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        } else {
+          for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+      }
+      for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(og + i0 + 8 * c, _mm256_mul_ps(acc[c], inv));
+    }
+  }
+}
+
+// h [M, hidden] += attention(norm(h)); h += mlp(norm(h)), for M rows that each sit in cache slot
+// slots[r] at position positions[r]. All rows' keys and values are written to the cache before any row
+// attends, so the rows of one prompt's prefill see each other (causally, by position).
+// weights: qkv (q, k rows interleaved for the rotary pairs), o, gate_up, down; each q4 or q8.
+// rotations: [capacity, head_dim / 2, 2] cos, sin.
+void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tensor& positions,
+                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rotations,
+                   const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps, int64_t heads,
+                   at::TensorList weight_list, bool int8_x) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "decoder_layer: h must be contiguous float32 [M, hidden]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat,
+              "decoder_layer: caches must be contiguous float32 [slots, kv_heads, capacity, head_dim]");
+  const int64_t M = h.size(0), H = h.size(1);
+  const int64_t kv_heads = k_cache.size(1), capacity = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(heads * D == H && heads % kv_heads == 0 && D % 8 == 0, "decoder_layer: ", heads, " heads of ", D,
+              " do not fit hidden ", H, " and ", kv_heads, " kv heads");
+  TORCH_CHECK(rotations.scalar_type() == at::kFloat && rotations.is_contiguous() && rotations.dim() == 3 &&
+                  rotations.size(0) >= capacity && rotations.size(1) * 2 == D,
+              "decoder_layer: rotations must be float32 [capacity, head_dim/2, 2]");
+  const at::Tensor slot_ids = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(slot_ids.numel() == M && pos.numel() == M, "decoder_layer: one slot and position per row");
+  const int64_t* sl = slot_ids.data_ptr<int64_t>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  for (int64_t r = 0; r < M; ++r)
+    TORCH_CHECK(sl[r] >= 0 && sl[r] < k_cache.size(0) && ps[r] >= 0 && ps[r] < capacity,
+                "decoder_layer: row ", r, " at slot ", sl[r], " position ", ps[r], " is outside the cache");
+  if (M == 0) return;
+
+  const std::vector<at::Tensor> weights = weight_list.vec();
+  size_t i = 0;
+  const Packed qkv = next_packed(weights, i, H, "qkv");
+  const Packed o = next_packed(weights, i, H, "o");
+  const Packed gate_up = next_packed(weights, i, H, "gate_up");
+  const int64_t I = gate_up.N / 2;
+  const Packed down = next_packed(weights, i, I, "down");
+  TORCH_CHECK(qkv.N == H + 2 * kv_heads * D && o.N == H && down.N == H && gate_up.N == 2 * I,
+              "decoder_layer: weight shapes do not match hidden ", H, " and the cache");
+
+  float* x = h.data_ptr<float>();
+  const int64_t QKV = qkv.N, groups = heads / kv_heads;
+  std::vector<float> normed(M * std::max(H, I)), mixed(M * QKV), attended(M * H), projected(M * 2 * I);
+  const float* rot = rotations.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+
+  // attention
+  rms_norm_rows(x, attn_norm.data_ptr<float>(), M, H, eps, normed.data());
+  qkv.apply(normed.data(), M, mixed.data(), int8_x);
+  for (int64_t r = 0; r < M; ++r) {
+    float* row = mixed.data() + r * QKV;
+    const float* cs = rot + ps[r] * D;  // (cos, sin) pairs
+    for (int64_t j = 0; j < (heads + kv_heads) * D; j += 2) {
+      const float c = cs[j % D], s = cs[j % D + 1], a = row[j], b = row[j + 1];
+      row[j] = a * c - b * s;
+      row[j + 1] = a * s + b * c;
+    }
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const int64_t at_ = ((sl[r] * kv_heads + g) * capacity + ps[r]) * D;
+      std::copy_n(row + (heads + g) * D, D, kc + at_);
+      std::copy_n(row + (heads + kv_heads + g) * D, D, vc + at_);
+    }
+  }
+  at::parallel_for(0, M * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / kv_heads, g = t % kv_heads, length = ps[r] + 1;
+      scores.resize(groups * length);
+      const int64_t base = (sl[r] * kv_heads + g) * capacity * D;
+      attend(mixed.data() + r * QKV + g * groups * D, kc + base, vc + base, length, groups, D, scores.data(),
+             attended.data() + r * H + g * groups * D);
+    }
+  });
+  o.apply(attended.data(), M, normed.data(), int8_x);
+  for (int64_t j = 0; j < M * H; ++j) x[j] += normed[j];
+
+  // MLP
+  rms_norm_rows(x, mlp_norm.data_ptr<float>(), M, H, eps, normed.data());
+  gate_up.apply(normed.data(), M, projected.data(), int8_x);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* gate = projected.data() + r * 2 * I;
+    float* act = normed.data() + r * I;
+    int64_t j = 0;
+    for (; j + 8 <= I; j += 8) {  // silu(gate) * up
+      const __m256 g = _mm256_loadu_ps(gate + j);
+      const __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+      _mm256_storeu_ps(act + j, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(gate + I + j)));
+    }
+    for (; j < I; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * gate[I + j];
+  }
+  down.apply(normed.data(), M, attended.data(), int8_x);
+  for (int64_t j = 0; j < M * H; ++j) x[j] += attended[j];
 }
 
 }  // namespace
 
 // A fragment, not TORCH_LIBRARY: another extension of the project may add ops to the same namespace.
 TORCH_LIBRARY_FRAGMENT(pipeline, m) {
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, bool int8_x=False) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, bool int8_x=False) -> Tensor");
+  m.def(
+      "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+      "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
+      "bool int8_x=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
+  m.impl("decoder_layer", &decoder_layer);
 }
