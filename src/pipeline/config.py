@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
+ACTIVATIONS = ("fp32", "int8")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 BACKENDS = ("auto", "engine", "transformers", "llamacpp")
@@ -69,9 +70,14 @@ class ModelConfig:
 @dataclass
 class PrecisionConfig:
     name: str = "auto"
+    # backend=engine with q4/int8 weights: the activations one decoding row multiplies them with. fp32
+    # (exact: the same numbers as fp32 transformers up to summation order) or int8 (quantized per 32
+    # values at each matrix, as llama.cpp does: faster single-stream decoding, not bit-exact)
+    activations: str = "fp32"
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.name, PRECISIONS)
+        _check_choice("precision.activations", self.activations, ACTIVATIONS)
 
 
 @dataclass

@@ -62,9 +62,13 @@ class EngineBackend:
             if slower:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
         rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" else 0  # an explicit format runs its kernel
-        log(f"engine: {fmt} decode weights, fp32 activations, our kernel up to {rows} rows, fp32 GEMM above")
+        int8_x = cfg.precision.activations == "int8" and fmt != "fp32"
+        if cfg.precision.activations == "int8" and not int8_x:
+            self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
+        activations = "int8 activations for one row" if int8_x else "fp32 activations"
+        log(f"engine: {fmt} decode weights, {activations}, our kernel up to {rows} rows, fp32 GEMM above")
         with torch.inference_mode():
-            self.engine = Engine(self.model, fmt, slots=1, max_kernel_rows=rows)
+            self.engine = Engine(self.model, fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x)
         self.slots = cfg.stages.micro_batch_size
         eos = self.model.generation_config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id}
@@ -82,6 +86,7 @@ class EngineBackend:
             load_time_s=time.perf_counter() - start,
             tags={
                 "engine_kernel_rows": str(rows),
+                "activations": "int8" if int8_x else "fp32",
                 "calibration": ", ".join(
                     f"{name} {times['1']:.1f}/{times['32']:.0f} ms" for name, times in calibration.step_ms.items()
                 ),

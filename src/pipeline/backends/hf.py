@@ -30,6 +30,11 @@ class TransformersBackend(Generator):
                 "prompt.constrained is not applied with beam search (generation.num_beams > 1); the tool form "
                 "is decoded freely and checked afterwards"
             )
+        if cfg.precision.activations != "fp32":
+            self.warnings.append(
+                f"backend=transformers ignores precision.activations={cfg.precision.activations} "
+                "(it is the engine's single-row decoding option; backend=engine applies it)"
+            )
         if device.type == "cpu" and dtype == torch.float16:
             self.warnings.append(
                 "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here"
