@@ -104,6 +104,26 @@ def test_targets_report_met_missed_and_their_margins():
     assert verdicts["a second process's load + warm-up <= 10 s"] == "MISSED by 2.5 s"
 
 
+def test_issue_12_targets_read_both_sets_and_the_constrained_vs_free_rows():
+    rows = {"default": _row("default", 6.0, 2.0), "default-free": _row("default-free", 5.0, 2.1)}
+    accuracy = {
+        "default": _accuracy(0.98),
+        "default@holdout": {**_accuracy(0.975), "answer_rate": 0.99},
+    }
+    verdicts = {t: (m, v) for t, m, v in targets(rows, {}, accuracy, BANDWIDTH_GB_S)}
+    assert verdicts["shipped set: accuracy >= 0.97 and answer rate >= 0.995 (issue 12)"][1] == "met"
+    assert verdicts["holdout set: accuracy >= 0.97 and answer rate >= 0.995 (issue 12)"] == (
+        "accuracy 0.975, answer rate 0.990",
+        "MISSED",
+    )
+    # the worse stage decides: single 6.0 / 5.0 = 1.2x
+    measured, verdict = verdicts["constrained stage time <= 1.1x free (issue 12)"]
+    assert verdict == "MISSED" and measured.startswith("1.20x at worst (single 6.00 s vs 5.00 s")
+    rows["default"] = _row("default", 5.2, 2.0)
+    verdicts = {t: v for t, _, v in targets(rows, {}, accuracy, BANDWIDTH_GB_S)}
+    assert verdicts["constrained stage time <= 1.1x free (issue 12)"] == "met"
+
+
 def test_targets_that_need_a_missing_row_say_not_measured_with_the_reason():
     rows = {"default": _row("default", 6.0, 2.0)}
     missing = {"llamacpp": "llama-cpp-python is not installed", "accuracy:transformers": "exit 1: error: boom"}
@@ -157,13 +177,15 @@ def test_slower_than_fp32_without_a_warning_is_an_offender():
 def test_plan_rows_takes_any_rows_and_refuses_unknown_names():
     plan = plan_rows(None)
     assert plan.speed == list(bench.SPEED_ROWS) and "transformers-fp16" not in plan.speed
-    assert plan.accuracy == ["transformers", "default", "engine-q4", "engine-int8"]
+    assert plan.accuracy == [
+        "transformers", "default", "default-free", "engine-q4", "engine-int8", "default@holdout", "default-free@holdout"
+    ]  # fmt: skip
     assert plan.prompts == ["prompt-raw", "prompt-instruct", "prompt-cot", "prompt-tool"]
     plan = plan_rows(["llamacpp", "default", "prompt-cot", "transformers-bf16"])
     assert plan.speed == ["default", "llamacpp", "transformers-bf16"]  # the bench's order
-    assert plan.accuracy == ["default"] and plan.prompts == ["prompt-cot"]
+    assert plan.accuracy == ["default", "default@holdout"] and plan.prompts == ["prompt-cot"]
     assert plan_rows(None, skip_accuracy=True).accuracy == [] and plan_rows(None, skip_prompts=True).prompts == []
-    with pytest.raises(PipelineError, match="unknown row 'fast', 'nope'; rows are: default, engine-fp32"):
+    with pytest.raises(PipelineError, match="unknown row 'fast', 'nope'; rows are: default, default-free, engine-fp32"):
         plan_rows(["default", "fast", "nope"])
 
 

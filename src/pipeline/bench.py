@@ -7,7 +7,7 @@
 Each row runs as `run.py` in its own process (load, warm-up and compilation stay out of the stage times and
 are reported on their own); repetitions are interleaved across rows so machine drift hits all alike. The
 memory bandwidth is measured on the device the rows run on (CPU RAM, or GPU memory on CUDA) for the
-roofline, and the engine's decode step is profiled beside transformers'. The Targets section is issue 10's
+roofline, and the engine's decode step is profiled beside transformers'. The Targets section is issues 10 and 12's
 "Done means": each target with its measured value, met or MISSED with the margin, or "not measured" with the
 reason when a row it needs is missing.
 """
@@ -57,11 +57,16 @@ class Row:
 
 
 TF, T32 = "backend=transformers", "transformers"
+STAGES = ("single", "batched")
 ROWS: dict[str, Row] = {row.name: row for row in [
     Row("default", (), "no overrides: what `make run` does", fp32_row="backend"),
+    Row("default-free", ("prompt.constrained=false",), "the default, the tool form decoded freely (no constraint)",
+        fp32_row="backend"),
     Row("engine-fp32", ("backend=engine", "precision=fp32"), "our engine, fp32 weights"),
     Row("engine-int8", ("backend=engine", "precision=int8"), "our engine, q8 weights", fp32_row="engine-fp32"),
     Row("engine-q4", ("backend=engine", "precision=q4"), "our engine, q4 weights", fp32_row="engine-fp32"),
+    Row("engine-q4-x8", ("backend=engine", "precision=q4", "precision.activations=int8"),
+        "our engine, q4 weights, int8 activations for one row (llama.cpp's scheme)", fp32_row="engine-fp32"),
     Row("transformers", (TF, "precision=fp32"), "today's default: transformers fp32"),
     Row("transformers-int8", (TF, "precision=int8"), "transformers, int8 weights", fp32_row=T32, slow=True),
     Row("llamacpp", ("backend=llamacpp",), "llama.cpp on the GGUF file: the outside reference"),
@@ -72,8 +77,13 @@ ROWS: dict[str, Row] = {row.name: row for row in [
     Row("transformers-fp16", (TF, "precision=fp16"), "transformers fp16", fp32_row=T32),
     Row("transformers-bf16", (TF, "precision=bf16"), "transformers bf16", fp32_row=T32),
 ]}  # fmt: skip
-SPEED_ROWS = tuple(list(ROWS)[:9])  # what a plain run measures
-ACCURACY_ROWS = ("transformers", "default", "engine-q4", "engine-int8")  # the first is the reference
+SPEED_ROWS = tuple(list(ROWS)[:11])  # what a plain run measures
+HOLDOUT = "@holdout"  # an accuracy row on the independent set (dataset=unit_conversion_holdout)
+HOLDOUT_OVERRIDES = ("dataset=unit_conversion_holdout",)
+# transformers is the reference of token match; the holdout rows answer issue 12 (accuracy on both sets)
+ACCURACY_ROWS = (
+    "transformers", "default", "default-free", "engine-q4", "engine-int8", f"default{HOLDOUT}", f"default-free{HOLDOUT}",
+)  # fmt: skip
 PROMPTS = ("raw", "instruct", "cot", "tool")
 PROMPT_ROWS = tuple(f"prompt-{p}" for p in PROMPTS)
 LLAMACPP, TRANSFORMERS, DEFAULT = "llamacpp", "transformers", "default"
@@ -88,6 +98,9 @@ TARGET_ROOFLINE_SHARE = 0.50
 TARGET_READY_S = 10.0
 TARGET_ACCURACY_DROP = 0.01
 TARGET_TOKEN_MATCH = 0.95
+# issue 12, "Done means": the default tool prompt on both sets, and what its constraint costs
+TARGET_ACCURACY, TARGET_ANSWER_RATE = 0.97, 0.995
+TARGET_CONSTRAINED_VS_FREE = 1.1
 # and on an H100-class GPU, for the 135M model
 TARGET_GPU_SINGLE_S, TARGET_GPU_BATCHED_S = 1.0, 0.2
 
@@ -124,7 +137,7 @@ def plan_rows(only: list[str] | None, skip_accuracy: bool = False, skip_prompts:
     if only:
         chosen = [n for n in known if n in only]  # the bench's order, whatever the command line's
         speed = [n for n in chosen if n in ROWS]
-        accuracy = [n for n in ACCURACY_ROWS if n in only]
+        accuracy = [n for n in ACCURACY_ROWS if n.removesuffix(HOLDOUT) in only]
         prompts = [n for n in PROMPT_ROWS if n in only]
     else:
         speed, accuracy, prompts = list(SPEED_ROWS), list(ACCURACY_ROWS), list(PROMPT_ROWS)
@@ -325,7 +338,7 @@ def targets(
     bandwidth_gb_s: float,
     device: str = "cpu",
 ) -> list[list[str]]:
-    """Issue 10's Done means: [target, measured value, verdict] for each, on the default row."""
+    """Issues 10 and 12's Done means: [target, measured value, verdict] for each, on the default row."""
     checks: list[list[str]] = []
 
     accuracy_missing = {k.removeprefix("accuracy:"): v for k, v in missing.items() if k.startswith("accuracy:")}
@@ -414,6 +427,26 @@ def targets(
     add("accuracy within 1 point of transformers fp32", [DEFAULT, TRANSFORMERS], accuracy, accuracy_drop)
     add("token match vs transformers fp32 >= 0.95", [DEFAULT, TRANSFORMERS], accuracy, token_match)
     checks.append(["no row slower than fp32 on this device without a warning", *no_silent_slowdown()])
+
+    def set_accuracy(key: str):
+        a = accuracy[key]
+        met = a["accuracy"] >= TARGET_ACCURACY and a["answer_rate"] >= TARGET_ANSWER_RATE
+        return f"accuracy {a['accuracy']:.3f}, answer rate {a['answer_rate']:.3f}", "met" if met else "MISSED"
+
+    def constrained_vs_free():
+        free = "default-free"
+        got = {stage: rows[DEFAULT][f"{stage}_time"][0] / rows[free][f"{stage}_time"][0] for stage in STAGES}
+        worst = max(got.values())
+        times = "; ".join(
+            f"{stage} {rows[DEFAULT][f'{stage}_time'][0]:.2f} s vs {rows[free][f'{stage}_time'][0]:.2f} s"
+            for stage in STAGES
+        )
+        return f"{worst:.2f}x at worst ({times})", "met" if worst <= TARGET_CONSTRAINED_VS_FREE else "MISSED"
+
+    for key, label in ((DEFAULT, "shipped"), (f"{DEFAULT}{HOLDOUT}", "holdout")):
+        add(f"{label} set: accuracy >= 0.97 and answer rate >= 0.995 (issue 12)", [key], accuracy,
+            lambda key=key: set_accuracy(key))  # fmt: skip
+    add("constrained stage time <= 1.1x free (issue 12)", [DEFAULT, "default-free"], rows, constrained_vs_free)
     if device == "cuda":
         fastest = min(rows.values(), key=lambda r: r["single_time"][0], default=None)
         if fastest is not None:
@@ -775,13 +808,18 @@ def _accuracy_section(report: Report) -> list[str]:
             if f"accuracy:{name}" in report.missing:
                 body.append([name, "missing", "-", "-", "-", "-"])
             continue
-        body.append([name, f"{a['backend']} {a['weights']}", f"{a['accuracy']:.3f}", f"{a['answer_rate']:.3f}",
-                     _num(a["token_match"], 3), f"{a['batched_s']:.1f}"])  # fmt: skip
+        row, _, holdout = name.partition("@")
+        body.append([row, "holdout" if holdout else "shipped", f"{a['backend']} {a['weights']}", f"{a['accuracy']:.3f}",
+                     f"{a['answer_rate']:.3f}", _num(a["token_match"], 3), f"{a['batched_s']:.1f}"])  # fmt: skip
     lines = [
-        f"## Accuracy: default tool prompt, first {report.accuracy_questions} questions, batched stage",
+        f"## Accuracy: default tool prompt, first {report.accuracy_questions} questions of each set, batched stage",
+        "",
+        "shipped: the data set the prompt's examples were written against; holdout: `dataset=unit_conversion_holdout`, "
+        "phrasings and spellings written apart from it (token match is measured on the shipped set only).",
         "",
         markdown_table(
-            ["row", "backend weights", "accuracy", "answer rate", "token match vs transformers fp32", "batched s"], body
+            ["row", "set", "backend weights", "accuracy", "answer rate", "token match vs transformers fp32",
+             "batched s"], body,
         ),  # fmt: skip
         "",
     ]
@@ -851,7 +889,7 @@ def render(report: Report) -> str:
                   "speed rows' questions.", "",
                   prompt_table(report.prompts, report.questions), ""]  # fmt: skip
     lines += [
-        "## Targets (issue 10, Done means: the default config)",
+        "## Targets (issues 10 and 12, Done means: the default config)",
         "",
         markdown_table(
             ["target", "measured", "verdict"],
@@ -1034,7 +1072,8 @@ def main(argv: list[str] | None = None) -> None:
     accuracy_samples: dict[str, Sample] = {}
     for name in plan.accuracy:
         try:
-            overrides = [*ROWS[name].overrides, *model, "stages.single=false"]
+            holdout = HOLDOUT_OVERRIDES if name.endswith(HOLDOUT) else ()
+            overrides = [*ROWS[name.removesuffix(HOLDOUT)].overrides, *holdout, *model, "stages.single=false"]
             accuracy_samples[name] = run_config(name, overrides, args.accuracy_questions, work / "accuracy" / name)
             say(f"accuracy: {name} on {args.accuracy_questions} questions")
         except RowFailed as error:
