@@ -5,7 +5,8 @@ fp32 and take a scalar path in torch's int8 kernel with fp32 activations; AVX512
 opposite), so the choice is measured: the linear layers of one decoding step (M=1 row) and of one batched
 step (M=32 rows) at the model's real shapes, with random weights (timing does not depend on values), for
 
-- the engine's decode formats: fp32 (x @ W.T), q8 and q4 (our kernels);
+- the engine's decode formats: fp32 (x @ W.T), q8 and q4 (our kernels), and q8/q4 with int8 activations
+  for one row (`q8x8`, `q4x8`: x quantized per 32 values, llama.cpp's scheme);
 - the transformers backend's: fp32 and bf16 (F.linear) and int8 (torch's `_weight_int8pack_mm`).
 
 Results are cached per CPU, thread count, torch version and model shape in the model cache folder, so
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 ROWS = (1, 4, 8, 16, 32)  # M values measured; 1 is a decode step, 32 a full batched step
 # a choice counts as slower when it takes this much longer than the reference
 SLOWER = 1.15
+# int8 activations are not bit-exact, so auto takes them only for a clear gain (at least 5%)
+INT8_GAIN = 1.05
+X8 = "x8"  # suffix of an engine format with int8 activations for one row
 
 
 @dataclass
@@ -68,8 +72,8 @@ class Calibration:
         return self.step_ms.get(candidate, {}).get(str(rows), float("inf"))
 
     def engine_format(self) -> str:
-        """The engine's fastest decode format for one row; fp32 on ties."""
-        formats = [c.split(":", 1)[1] for c in self.step_ms if c.startswith("engine:")]
+        """The engine's fastest decode format for one row with fp32 activations; fp32 on ties."""
+        formats = [c.split(":", 1)[1] for c in self.step_ms if c.startswith("engine:") and not c.endswith(X8)]
         return min(formats, key=lambda f: (self.time(f"engine:{f}", 1), f != "fp32"))
 
     def kernel_rows(self, fmt: str) -> int:
@@ -79,6 +83,10 @@ class Calibration:
             if self.time(f"engine:{fmt}", rows) <= self.time("engine:fp32", rows):
                 best = rows
         return best
+
+    def int8_activations(self, fmt: str) -> bool:
+        """Whether int8 activations measured faster than fp32 ones for a decode step in `fmt` (by INT8_GAIN)."""
+        return self.time(f"engine:{fmt}{X8}", 1) * INT8_GAIN < self.time(f"engine:{fmt}", 1)
 
     def transformers_dtype(self) -> str:
         """fp32 or bf16 for transformers: bf16 only where it measured faster both for one row and for a batch."""
@@ -112,12 +120,14 @@ def _best_ms(function, reps: int) -> float:
 def _engine_linear(weight: torch.Tensor, fmt: str):
     from pipeline import kernels
 
+    int8_x = fmt.endswith(X8)
+    fmt = fmt.removesuffix(X8)
     if fmt == "q4":
         packed = kernels.quantize_q4(weight)
-        return lambda x: kernels.q4_linear(x, *packed)
+        return lambda x: kernels.q4_linear(x, *packed, int8_x=int8_x)
     if fmt == "q8":
         packed = kernels.quantize_q8(weight)
-        return lambda x: kernels.q8_linear(x, *packed)
+        return lambda x: kernels.q8_linear(x, *packed, int8_x=int8_x)
     weight_t = weight.t().contiguous()
     return lambda x: x @ weight_t
 
@@ -148,7 +158,7 @@ def candidates() -> list[str]:
     """The formats measured here: the engine's (q4/q8 only where our kernel is built) and transformers'."""
     from pipeline import kernels
 
-    engine = ["fp32", *(("q8", "q4") if kernels.available() else ())]
+    engine = ["fp32", *(("q8", "q4", f"q8{X8}", f"q4{X8}") if kernels.available() else ())]
     return [f"engine:{f}" for f in engine] + [f"transformers:{f}" for f in ("fp32", "bf16", "int8")]
 
 
@@ -164,6 +174,9 @@ def measure(shapes: Shapes, names: list[str], reps: int = 5) -> dict[str, dict[s
             linears = {key: make(w, fmt) for key, w in weights.items()}
             step_ms[name] = {}
             for rows in ROWS:
+                if name.endswith(X8) and rows > 1:  # the flag changes one-row products only
+                    step_ms[name][str(rows)] = step_ms[name.removesuffix(X8)][str(rows)]
+                    continue
                 total = 0.0
                 for n, k, count in shapes.matrices():
                     x = torch.randn(rows if count > 1 else 1, k, generator=generator)

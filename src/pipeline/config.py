@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
-ACTIVATIONS = ("fp32", "int8")
+ACTIVATIONS = ("auto", "fp32", "int8")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 BACKENDS = ("auto", "engine", "transformers", "llamacpp")
@@ -71,9 +71,10 @@ class ModelConfig:
 class PrecisionConfig:
     name: str = "auto"
     # backend=engine with q4/int8 weights: the activations one decoding row multiplies them with. fp32
-    # (exact: the same numbers as fp32 transformers up to summation order) or int8 (quantized per 32
-    # values at each matrix, as llama.cpp does: faster single-stream decoding, not bit-exact)
-    activations: str = "fp32"
+    # (exact: the same numbers as fp32 transformers up to summation order), int8 (quantized per 32 values
+    # at each matrix, as llama.cpp does: faster single-stream decoding, not bit-exact), or auto: int8
+    # where the calibration measured it at least 5% faster on this machine
+    activations: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.name, PRECISIONS)

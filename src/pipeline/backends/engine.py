@@ -62,8 +62,11 @@ class EngineBackend:
             if slower:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
         rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" else 0  # an explicit format runs its kernel
-        int8_x = cfg.precision.activations == "int8" and fmt != "fp32"
-        if cfg.precision.activations == "int8" and not int8_x:
+        activations = cfg.precision.activations
+        int8_x = fmt != "fp32" and (
+            activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt))
+        )
+        if activations == "int8" and fmt == "fp32":
             self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
         activations = "int8 activations for one row" if int8_x else "fp32 activations"
         log(f"engine: {fmt} decode weights, {activations}, our kernel up to {rows} rows, fp32 GEMM above")

@@ -30,7 +30,7 @@ class TransformersBackend(Generator):
                 "prompt.constrained is not applied with beam search (generation.num_beams > 1); the tool form "
                 "is decoded freely and checked afterwards"
             )
-        if cfg.precision.activations != "fp32":
+        if cfg.precision.activations == "int8":
             self.warnings.append(
                 f"backend=transformers ignores precision.activations={cfg.precision.activations} "
                 "(it is the engine's single-row decoding option; backend=engine applies it)"

@@ -20,7 +20,7 @@ from pipeline.results import Generation
 # what llama.cpp does instead of each setting it does not apply
 IGNORED = [
     ("precision.name", "auto", "it computes with the GGUF file's own quantized weights"),
-    ("precision.activations", "fp32", "it quantizes activations to 8 bits by itself"),
+    ("precision.activations", "auto", "it quantizes activations to 8 bits by itself"),
     ("attention.implementation", "sdpa", "it uses its own attention kernel"),
     ("runtime.compile", "off", "its kernels are compiled C++ already"),
     ("generation.cache_implementation", "dynamic", "it keeps its own KV cache"),
