@@ -51,3 +51,23 @@ def test_slurm_launcher_config_composes(compose_cfg):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.timeout_min == 60
+
+
+@pytest.mark.slow
+def test_runs_logging_one_data_set_at_once_all_get_it(tmp_path, tracking_server):
+    """A parallel sweep's runs log the same data set together: its row's unique key must fail none of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.tracking import _log_dataset
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_server)
+    experiment = client.create_experiment("together")
+    config = {"dataset": {"num_questions": 5}}
+    for attempt in range(3):  # the race is a matter of timing: give it several chances to show
+        runs = [client.create_run(experiment).info.run_id for _ in range(8)]
+        config["dataset"]["num_questions"] = 5 + attempt  # a data set (digest) new to the store each time
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda run_id: _log_dataset(client, run_id, tmp_path, config), runs))
+        for run_id in runs:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            assert [i.dataset.profile for i in inputs] == [f'{{"num_rows": {5 + attempt}}}']

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -303,7 +304,16 @@ def _log_dataset(client, run_id: str, output_dir: Path, config: dict) -> None:
         schema=json.dumps(schema),
         profile=json.dumps({"num_rows": record["num_rows"]}),
     )
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])]
+    try:
+        client.log_inputs(run_id, inputs)
+    except Exception as error:
+        # the runs of a parallel sweep log the same data set at once: on a database store the second insert
+        # of its row can fail on the unique key while the first commits; by now the row exists, so retry once
+        if "unique" not in str(error).lower() and "duplicate" not in str(error).lower():
+            raise
+        time.sleep(0.5)
+        client.log_inputs(run_id, inputs)
 
 
 def predictions_table(predictions_csv: Path) -> dict[str, list]:
