@@ -188,6 +188,12 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             save_results(result, output_dir)
             log(f"interrupted: {interrupted}; partial results saved in {output_dir}")
             raise
+        except KeyboardInterrupt:
+            # between stages (a loss pass, saving): every stage in the results is whole; the run is not
+            result.status = "killed"
+            save_results(result, output_dir)
+            log(f"interrupted between stages; the finished stages are saved in {output_dir}")
+            raise
         if device.type == "cuda":
             result.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
         result.status = "finished"
