@@ -90,18 +90,6 @@ def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
     assert [row["stage"] for row in rows] == ["single"] * 4 + ["batched"] * 4
 
 
-def test_multirun_logs_one_run_per_job(tmp_path):
-    result = run_app(["-m", *TINY, "stages.batched=false", "precision=fp32,bf16", "attention=eager,sdpa"], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    runs = _runs(tmp_path / "mlflow.db")
-    runs = runs[runs["tags.pipeline.sweep"] != "parent"]
-    assert len(runs) == 4
-    combos = set(zip(runs["params.precision.name"], runs["params.attention.implementation"]))
-    assert combos == {("fp32", "eager"), ("fp32", "sdpa"), ("bf16", "eager"), ("bf16", "sdpa")}
-    assert all("precision=" in name and "attention=" in name for name in runs["tags.mlflow.runName"])
-    assert runs["metrics.single/wall_time_s"].notna().all()
-
-
 def test_tracking_can_be_turned_off(tmp_path):
     result = run_app([*TINY, "tracking.enabled=false", "stages.single=false"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -44,6 +44,9 @@ def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, launcher):
         "precision=fp32,attention=eager", "precision=fp32,attention=sdpa",
         "precision=bf16,attention=eager", "precision=bf16,attention=sdpa",
     }  # fmt: skip
+    # each child ran its own combination (its params, not only its name)
+    combos = {(c.data.params["precision.name"], c.data.params["attention.implementation"]) for c in children}
+    assert combos == {("fp32", "eager"), ("fp32", "sdpa"), ("bf16", "eager"), ("bf16", "sdpa")}
     for child in children:
         assert child.info.status == "FINISHED"
         for metric in ("single/wall_time_s", "batched/wall_time_s", "batched/accuracy", "load_time_s"):
