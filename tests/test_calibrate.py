@@ -27,8 +27,11 @@ def test_auto_picks_the_fastest_engine_format_for_one_row_and_the_kernel_rows_wh
 
 def test_int8_activations_are_picked_only_for_a_clear_gain_and_never_pick_the_format():
     cal = _calibration(
-        engine__fp32=_times(80, 120), engine__q4=_times(12, 400), engine__q4x8=_times(6, 400),  # x8: 2x faster
-        engine__q8=_times(20, 200), engine__q8x8=_times(19.5, 200),  # 2.5% faster: noise, not worth inexactness
+        engine__fp32=_times(80, 120),
+        engine__q4=_times(12, 400),
+        engine__q4x8=_times(6, 400),  # x8: 2x faster
+        engine__q8=_times(20, 200),
+        engine__q8x8=_times(19.5, 200),  # 2.5% faster: noise, not worth inexactness
     )
     assert cal.engine_format() == "q4"  # formats are compared with fp32 activations; q4x8 is not a format
     assert cal.int8_activations("q4") and not cal.int8_activations("q8")

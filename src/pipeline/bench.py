@@ -82,7 +82,8 @@ HOLDOUT = "@holdout"  # an accuracy row on the independent set (dataset=unit_con
 HOLDOUT_OVERRIDES = ("dataset=unit_conversion_holdout",)
 # transformers is the reference of token match; the holdout rows answer issue 12 (accuracy on both sets)
 ACCURACY_ROWS = (
-    "transformers", "default", "default-free", "engine-q4", "engine-int8", f"default{HOLDOUT}", f"default-free{HOLDOUT}",
+    "transformers", "default", "default-free", "engine-q4", "engine-int8",
+    f"default{HOLDOUT}", f"default-free{HOLDOUT}",
 )  # fmt: skip
 PROMPTS = ("raw", "instruct", "cot", "tool")
 PROMPT_ROWS = tuple(f"prompt-{p}" for p in PROMPTS)
@@ -818,8 +819,16 @@ def _accuracy_section(report: Report) -> list[str]:
         "phrasings and spellings written apart from it (token match is measured on the shipped set only).",
         "",
         markdown_table(
-            ["row", "set", "backend weights", "accuracy", "answer rate", "token match vs transformers fp32",
-             "batched s"], body,
+            [
+                "row",
+                "set",
+                "backend weights",
+                "accuracy",
+                "answer rate",
+                "token match vs transformers fp32",
+                "batched s",
+            ],
+            body,
         ),  # fmt: skip
         "",
     ]

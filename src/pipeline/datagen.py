@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction as F
 from pathlib import Path
@@ -153,13 +154,13 @@ def make_item(rng: random.Random) -> dict | None:
     }
 
 
-def generate(n: int = 1280, seed: int = 0) -> list[dict]:
-    """`n` distinct questions drawn with `seed`."""
+def distinct(make: Callable[[random.Random], dict | None], n: int, seed: int) -> list[dict]:
+    """`n` items with distinct questions from `make`, drawing from a generator seeded with `seed`."""
     rng = random.Random(seed)
     items: list[dict] = []
     seen: set[str] = set()
     while len(items) < n:
-        item = make_item(rng)
+        item = make(rng)
         if item is None or item["question"] in seen:
             continue
         seen.add(item["question"])
@@ -167,9 +168,14 @@ def generate(n: int = 1280, seed: int = 0) -> list[dict]:
     return items
 
 
-def dumps(items: list[dict]) -> str:
+def generate(n: int = 1280, seed: int = 0) -> list[dict]:
+    """`n` distinct questions drawn with `seed`."""
+    return distinct(make_item, n, seed)
+
+
+def dumps(items: list[dict], ensure_ascii: bool = True) -> str:
     """The file text: one item per line, so diffs stay readable."""
-    return "[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]\n"
+    return "[\n" + ",\n".join(json.dumps(item, ensure_ascii=ensure_ascii) for item in items) + "\n]\n"
 
 
 def main() -> None:

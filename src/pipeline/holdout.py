@@ -12,11 +12,12 @@ answer with pint.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import dataclass
 from fractions import Fraction as F
 from pathlib import Path
+
+from pipeline import datagen
 
 HOLDOUT_PATH = Path(__file__).parent / "data" / "unit_conversion_holdout.json"
 
@@ -206,21 +207,12 @@ def make_item(rng: random.Random) -> dict | None:
 
 def generate(n: int = 1024, seed: int = 0) -> list[dict]:
     """`n` distinct questions from a seeded generator (the same seed gives the same file)."""
-    rng = random.Random(seed)
-    items: list[dict] = []
-    seen: set[str] = set()
-    while len(items) < n:
-        item = make_item(rng)
-        if item is None or item["question"] in seen:
-            continue
-        seen.add(item["question"])
-        items.append(item)
-    return items
+    return datagen.distinct(make_item, n, seed)
 
 
 def dumps(items: list[dict]) -> str:
-    """The file's exact text: one item per line, so diffs stay readable."""
-    return "[\n" + ",\n".join(json.dumps(item, ensure_ascii=False) for item in items) + "\n]\n"
+    """The file's exact text: one item per line (non-ASCII spellings such as "cm³" kept as written)."""
+    return datagen.dumps(items, ensure_ascii=False)
 
 
 def main() -> None:
