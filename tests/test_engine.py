@@ -135,12 +135,13 @@ def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
     assert len(free.generated) == 6 and free.hit_budget
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt):
-    """The one-call-per-layer kernel (decode steps, short prefills) against the eager path on the same weights.
+@pytest.mark.parametrize("fmt,kernel_rows", [("q4", 64), ("q8", 64), ("q4", 2)])
+def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows):
+    """The one-call-per-layer kernel (decode steps, prefills) against the eager path on the same weights.
 
     Prompts of different lengths and a shared prefix, 3 slots: the kernel's per-row slots and positions,
-    its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens.
+    its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens. With
+    2 kernel rows, prefills and 3-row steps take the fp32 GEMM inside the kernel, 2-row steps the q4 kernel.
     """
     from pipeline import kernels
 
@@ -154,10 +155,9 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt):
         shared += 1
     results = {}
     for fused in (True, False):
-        engine = Engine(tiny.model, fmt, max_kernel_rows=64)
-        assert engine.fused_rows == 64
-        if not fused:
-            engine.fused_rows = 0
+        engine = Engine(tiny.model, fmt, max_kernel_rows=kernel_rows)
+        assert engine.fused
+        engine.fused = fused
         with torch.inference_mode():
             engine.set_prefix(prompts[0][: shared - 4])  # the kernel prefills the rest of each prompt
             generated = [seq.generated for seq in engine.generate(prompts, 8, stopper, slots=3)]

@@ -104,8 +104,9 @@ class Layer:
         self.attn_norm = block.input_layernorm.weight.detach().float()
         self.mlp_norm = block.post_attention_layernorm.weight.detach().float()
         self.intermediate = mlp.gate_proj.weight.shape[0]
-        # what the fused layer kernel reads, in its order (empty in fp32)
-        self.packed = [t for m in (self.qkv, self.o, self.gate_up, self.down) for t in m.packed]
+        # what the fused layer kernel reads, in its order: each matrix packed, then in fp32 (empty in fp32)
+        matrices = (self.qkv, self.o, self.gate_up, self.down)
+        self.packed = [t for m in matrices for t in (*m.packed, m.weight_t)] if fmt != "fp32" else []
 
 
 def _fused_kernel_available() -> bool:
@@ -151,8 +152,10 @@ class Engine:
         self._rotary = inner.rotary_emb
         self.rotations = torch.empty(0, dtype=torch.complex64)
         self.rotations_real = torch.empty(0)  # the same as [length, dim/2, (cos, sin)] for the fused kernel
-        # rows up to which one step runs as one fused kernel call per layer (0: never, the eager path)
-        self.fused_rows = max_kernel_rows if fmt != "fp32" and _fused_kernel_available() else 0
+        # q4/q8 weights run every step and prefill as one fused kernel call per layer (our kernel up to
+        # max_kernel_rows rows, fp32 GEMM above); fp32 weights, or no kernel, take the eager path
+        self.fused = fmt != "fp32" and _fused_kernel_available()
+        self.max_kernel_rows = max_kernel_rows
         # one-row decoding multiplies q4/q8 weights with activations quantized to int8 (llama.cpp's way)
         self.int8_x = int8_activations
         self.slots, self.capacity = 0, 0
@@ -248,7 +251,7 @@ class Engine:
             spans.append((slot, start, len(seq.suffix), len(tokens) - len(seq.suffix)))
             seq.position = start + len(seq.suffix)
         token_ids, pos, slot_ids = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
-        if len(tokens) <= self.fused_rows:
+        if self.fused:
             h = self._fused_layers(token_ids, slot_ids, pos)
             if not logits:
                 return None
@@ -301,7 +304,7 @@ class Engine:
         rows = tokens.shape[0]
         length = int(positions.max()) + 1
         slot_ids = torch.arange(rows)
-        if rows <= self.fused_rows:
+        if self.fused:
             return self._norm(self._fused_layers(tokens, slot_ids, positions), self.norm)
         # a key is visible to a row up to the row's own position (rows differ in length)
         mask = None if rows == 1 else (torch.arange(length).unsqueeze(0) > positions.unsqueeze(1))[:, None, None]
@@ -323,6 +326,7 @@ class Engine:
             torch.ops.pipeline.decoder_layer(
                 h, slot_ids, positions, k_cache, v_cache, self.rotations_real,
                 layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
+                self.max_kernel_rows,
             )  # fmt: skip
         return h
 

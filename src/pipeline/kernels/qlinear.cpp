@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <vector>
 
@@ -385,13 +386,18 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 // dispatched from Python and most forking the thread pool) than in the weight kernels. For the rows of a
 // decoding step or a short prefill this runs one whole Llama layer in one call instead.
 
-// One packed weight matrix: q4 (uint8 qweight, scales, mins) or q8 (int8 qweight, scales).
+// One weight matrix: packed q4 (uint8 qweight, scales, mins) or q8 (int8 qweight, scales), and the same
+// weights in fp32, transposed ([K, N]), for more rows than `gemm_above` (a long prefill), where MKL's
+// GEMM does more FLOPs per cycle than dequantizing in registers.
 struct Packed {
-  at::Tensor q, d, m;
-  int64_t N = 0, K = 0;
+  at::Tensor q, d, m, wt;
+  int64_t N = 0, K = 0, gemm_above = 0;
 
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
-    if (m.defined()) {
+    if (M > gemm_above) {
+      at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
+      at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat), wt);
+    } else if (m.defined()) {
       const Q4Weights w{q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), K, K / kBlock};
       run(w, x, M, N, K, y, 0.5 + 8.0 / kBlock, int8_x);
     } else {
@@ -401,9 +407,11 @@ struct Packed {
   }
 };
 
-// Takes the next matrix from `weights` (three tensors for q4, two for q8), checked like the ops' inputs.
-Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K, const char* name) {
-  TORCH_CHECK(i + 2 <= weights.size(), "decoder_layer: weights end before ", name);
+// Takes the next matrix from `weights` (q4: qweight, scales, mins, fp32 weight [K, N]; q8: the same without
+// mins), checked like the ops' inputs.
+Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K, int64_t gemm_above,
+                   const char* name) {
+  TORCH_CHECK(i + 3 <= weights.size(), "decoder_layer: weights end before ", name);
   Packed p;
   p.q = weights[i++];
   p.d = weights[i++];
@@ -419,8 +427,18 @@ Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K,
                 ": mins must be contiguous float32 shaped like scales");
   p.N = p.q.size(0);
   p.K = K;
+  TORCH_CHECK(i < weights.size(), "decoder_layer: ", name, " needs its fp32 weight [K, N] after the packed one");
+  p.wt = weights[i++];
+  TORCH_CHECK(p.wt.scalar_type() == at::kFloat && p.wt.is_contiguous() && p.wt.dim() == 2 && p.wt.size(0) == K &&
+                  p.wt.size(1) == p.N,
+              name, ": the fp32 weight must be contiguous float32 [K, N] = [", K, ", ", p.N, "], got ",
+              p.wt.scalar_type(), " ", p.wt.sizes());
+  p.gemm_above = gemm_above;
   return p;
 }
+
+// rows per thread below which row-wise loops (norms, rotary, SiLU, residual adds) stay on one thread
+constexpr int64_t kRowGrain = 16;
 
 void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, double eps, float* y) {
   for (int64_t r = 0; r < M; ++r) {
@@ -529,7 +547,7 @@ void attend(const float* q, const float* keys, const float* values, int64_t leng
 void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tensor& positions,
                    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rotations,
                    const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps, int64_t heads,
-                   at::TensorList weight_list, bool int8_x) {
+                   at::TensorList weight_list, bool int8_x, int64_t gemm_above) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "decoder_layer: h must be contiguous float32 [M, hidden]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
@@ -553,11 +571,11 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
 
   const std::vector<at::Tensor> weights = weight_list.vec();
   size_t i = 0;
-  const Packed qkv = next_packed(weights, i, H, "qkv");
-  const Packed o = next_packed(weights, i, H, "o");
-  const Packed gate_up = next_packed(weights, i, H, "gate_up");
+  const Packed qkv = next_packed(weights, i, H, gemm_above, "qkv");
+  const Packed o = next_packed(weights, i, H, gemm_above, "o");
+  const Packed gate_up = next_packed(weights, i, H, gemm_above, "gate_up");
   const int64_t I = gate_up.N / 2;
-  const Packed down = next_packed(weights, i, I, "down");
+  const Packed down = next_packed(weights, i, I, gemm_above, "down");
   TORCH_CHECK(qkv.N == H + 2 * kv_heads * D && o.N == H && down.N == H && gate_up.N == 2 * I,
               "decoder_layer: weight shapes do not match hidden ", H, " and the cache");
 
@@ -569,9 +587,15 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   float* vc = v_cache.data_ptr<float>();
 
   // attention
-  rms_norm_rows(x, attn_norm.data_ptr<float>(), M, H, eps, normed.data());
+  // row-wise work is split over threads only for many rows (a prefill): for a decode step forking costs more
+  const auto by_rows = [M](const std::function<void(int64_t)>& body) {
+    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) body(r);
+    });
+  };
+  by_rows([&](int64_t r) { rms_norm_rows(x + r * H, attn_norm.data_ptr<float>(), 1, H, eps, normed.data() + r * H); });
   qkv.apply(normed.data(), M, mixed.data(), int8_x);
-  for (int64_t r = 0; r < M; ++r) {
+  by_rows([&](int64_t r) {
     float* row = mixed.data() + r * QKV;
     const float* cs = rot + ps[r] * D;  // (cos, sin) pairs
     for (int64_t j = 0; j < (heads + kv_heads) * D; j += 2) {
@@ -584,7 +608,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       std::copy_n(row + (heads + g) * D, D, kc + at_);
       std::copy_n(row + (heads + kv_heads + g) * D, D, vc + at_);
     }
-  }
+  });
   at::parallel_for(0, M * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t t = begin; t < end; ++t) {
@@ -596,12 +620,14 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     }
   });
   o.apply(attended.data(), M, normed.data(), int8_x);
-  for (int64_t j = 0; j < M * H; ++j) x[j] += normed[j];
+  by_rows([&](int64_t r) {
+    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += normed[j];
+    rms_norm_rows(x + r * H, mlp_norm.data_ptr<float>(), 1, H, eps, normed.data() + r * H);
+  });
 
   // MLP
-  rms_norm_rows(x, mlp_norm.data_ptr<float>(), M, H, eps, normed.data());
   gate_up.apply(normed.data(), M, projected.data(), int8_x);
-  for (int64_t r = 0; r < M; ++r) {
+  by_rows([&](int64_t r) {
     const float* gate = projected.data() + r * 2 * I;
     float* act = normed.data() + r * I;
     int64_t j = 0;
@@ -611,9 +637,11 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       _mm256_storeu_ps(act + j, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(gate + I + j)));
     }
     for (; j < I; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * gate[I + j];
-  }
+  });
   down.apply(normed.data(), M, attended.data(), int8_x);
-  for (int64_t j = 0; j < M * H; ++j) x[j] += attended[j];
+  by_rows([&](int64_t r) {
+    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += attended[j];
+  });
 }
 
 }  // namespace
@@ -625,7 +653,7 @@ TORCH_LIBRARY_FRAGMENT(pipeline, m) {
   m.def(
       "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
       "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
-      "bool int8_x=False) -> ()");
+      "bool int8_x=False, int gemm_above=9223372036854775807) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
