@@ -31,7 +31,7 @@ from pipeline.data import load_items, select
 from pipeline.errors import PipelineError
 from pipeline.models import resolve_device
 from pipeline.prompts import build_prompt
-from pipeline.runner import _set_runtime, make_postprocess, prepare_backend
+from pipeline.runner import _set_runtime, make_constraint_for, make_postprocess, prepare_backend
 from pipeline.scoring import parse_answer
 
 OVERRIDES_ENV = "PIPELINE_OVERRIDES"  # Hydra overrides, space separated, as on run.py's command line
@@ -64,11 +64,15 @@ class BaseLLM:
             log.warning(message)
         self.tokenizer = self.backend.tokenizer
         self._postprocess = make_postprocess(self.cfg.prompt)
+        # constrained decoding of the tool form, as in run.py's stages (None: the prompt decodes freely)
+        self._constraint_for = make_constraint_for(self.cfg.prompt, self.tokenizer)
         # the warm-up runs on the data set's questions (outputs thrown away), as run.py's does
         items, _ = select(load_items(self.cfg.dataset.path), self.cfg.dataset.num_questions)
         with self._grad_context():
             prompts = [self.format_prompt(item.question) for item in items]
             self.prefix_time_s, self.warmup_time_s = prepare_backend(self.backend, prompts, self.cfg, log.info)
+            if self._constraint_for is not None and items:
+                self._constraint_for(items[0].question)  # loads the unit lexicon now, not in the first call
         self.load_time_s = self.backend.info().load_time_s
         self.construction_time_s = time.perf_counter() - start
 
@@ -93,10 +97,13 @@ class BaseLLM:
         """The number inside the first <answer>...</answer> of `text`; NaN when there is none."""
         return parse_answer(text)
 
+    def _constraint(self, question: str):
+        return self._constraint_for(question) if self._constraint_for is not None else None
+
     def generate(self, question: str) -> str:
         """The scored text for one question: the model's output, post-processed, with its <answer> tag."""
         with self._grad_context():
-            output = self.backend.generate(self.format_prompt(question))
+            output = self.backend.generate(self.format_prompt(question), constraint=self._constraint(question))
         return self._postprocess(output.text, question)[0]
 
     def batched_generate(self, questions: list[str]) -> list[str]:
@@ -106,7 +113,8 @@ class BaseLLM:
         with self._grad_context():
             for begin in range(0, len(questions), size):
                 chunk = questions[begin : begin + size]
-                outputs = self.backend.batched_generate([self.format_prompt(q) for q in chunk])
+                prompts = [self.format_prompt(q) for q in chunk]
+                outputs = self.backend.batched_generate(prompts, constraints=[self._constraint(q) for q in chunk])
                 texts += [self._postprocess(o.text, q)[0] for o, q in zip(outputs, chunk)]
         return texts
 
