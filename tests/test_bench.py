@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 
 import pytest
@@ -272,12 +273,38 @@ def test_render_states_the_cpu_kind_calibration_profile_and_missing_rows():
     assert "before the bench started: 0.4 on 2 cores" in text and "The machine was busy" not in text
     report.load_at_start = 3.1  # others kept more than half the cores busy
     assert "**The machine was busy**" in render(report)
+    # what the cores did over 2 s decides where it was measured: a lagging load average does not
+    report.busy_at_start = 0.03
+    text = render(report)
+    assert "CPU in use before the bench started: 3% of 2 cores" in text and "The machine was busy" not in text
+    report.busy_at_start = 0.6
+    assert "**The machine was busy**" in render(report)
     text = render(report)
     assert "| llamacpp | missing |" in text
     assert "| single stage >= 1.0x llama.cpp (stretch 1.5x) | llamacpp: llama-cpp-python is not installed |" in text
     assert "| cot | 0.062 (64) | 0.800 | 60.00 | 6.50 | 1236 | data 0.000 |" in text
     assert "| raw | missing: exit 1: error: boom |" in text
     assert "| `pipeline::q4_linear` | 50% |" in text and "- not profiled: transformers (ValueError: no)" in text
+
+
+def test_cpu_busy_share_sees_a_busy_core():
+    import threading
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        busy = bench.cpu_busy_share(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    cores = os.cpu_count() or 1
+    assert 0.8 / cores <= busy <= 1.0  # at least the spinning core, as a share of all of them
 
 
 def test_limit_note_says_what_bounds_the_step():

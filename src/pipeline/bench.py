@@ -63,8 +63,10 @@ ROWS: dict[str, Row] = {row.name: row for row in [
     Row("default-free", ("prompt.constrained=false",), "the default, the tool form decoded freely (no constraint)",
         fp32_row="backend"),
     Row("engine-fp32", ("backend=engine", "precision=fp32"), "our engine, fp32 weights"),
-    Row("engine-int8", ("backend=engine", "precision=int8"), "our engine, q8 weights", fp32_row="engine-fp32"),
-    Row("engine-q4", ("backend=engine", "precision=q4"), "our engine, q4 weights", fp32_row="engine-fp32"),
+    Row("engine-int8", ("backend=engine", "precision=int8", "precision.activations=fp32"),
+        "our engine, q8 weights, fp32 activations", fp32_row="engine-fp32"),
+    Row("engine-q4", ("backend=engine", "precision=q4", "precision.activations=fp32"),
+        "our engine, q4 weights, fp32 activations", fp32_row="engine-fp32"),
     Row("engine-q4-x8", ("backend=engine", "precision=q4", "precision.activations=int8"),
         "our engine, q4 weights, int8 activations for one row (llama.cpp's scheme)", fp32_row="engine-fp32"),
     Row("transformers", (TF, "precision=fp32"), "today's default: transformers fp32"),
@@ -102,6 +104,8 @@ TARGET_TOKEN_MATCH = 0.95
 # issue 12, "Done means": the default tool prompt on both sets, and what its constraint costs
 TARGET_ACCURACY, TARGET_ANSWER_RATE = 0.97, 0.995
 TARGET_CONSTRAINED_VS_FREE = 1.1
+# other processes using more than this share of the cores before the start: the report says the machine was busy
+BUSY_SHARE = 0.25
 # and on an H100-class GPU, for the 135M model
 TARGET_GPU_SINGLE_S, TARGET_GPU_BATCHED_S = 1.0, 0.2
 
@@ -183,6 +187,31 @@ def run_config(
     with open(folder / "predictions.csv", newline="") as handle:
         outputs = {(row["stage"], int(row["index"])): row["output"] for row in csv.DictReader(handle)}
     return Sample(results, outputs, process_s)
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None where there is no such file."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def cpu_busy_share(seconds: float = 2.0) -> float:
+    """Share of all cores in use over `seconds` (NaN where /proc/stat is missing).
+
+    The 1-minute load average lags: right after another job ends it still reads high, and a job that just
+    started reads low; this says what the cores do now.
+    """
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] == before[1]:
+        return math.nan
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def measure_read_bandwidth_gb_s(
@@ -715,6 +744,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     elapsed_min: float = math.nan
     load_at_start: float = math.nan  # 1-minute load average before the bench started anything
+    busy_at_start: float = math.nan  # share of the cores other processes used over 2 s before the start
     cores: int = 0
 
 
@@ -727,11 +757,19 @@ def _machine_section(report: Report) -> list[str]:
         f"- measured {what} read bandwidth: {report.bandwidth_gb_s:.1f} GB/s (a sum over a buffer far larger than "
         "the caches, best of 7)",
     ]
-    if not math.isnan(report.load_at_start):
+    if not math.isnan(report.busy_at_start):
+        lines.append(
+            f"- CPU in use before the bench started: {100 * report.busy_at_start:.0f}% of {report.cores} cores "
+            f"over 2 s (1-minute load average {report.load_at_start:.1f}, which lags by a minute)"
+        )
+    elif not math.isnan(report.load_at_start):
         load = f"{report.load_at_start:.1f} on {report.cores} cores"
         lines.append(f"- load average (1 minute) before the bench started: {load}")
-        if report.load_at_start > report.cores / 2:
-            lines += ["", "**The machine was busy**: other work competed with the rows for the cores, so the times "
+    busy = report.busy_at_start > BUSY_SHARE if not math.isnan(report.busy_at_start) else (
+        report.load_at_start > report.cores / 2
+    )  # fmt: skip
+    if busy:
+        lines += ["", "**The machine was busy**: other work competed with the rows for the cores, so the times "
                       "below are inflated and noisy (a parallel operator waits for a free core); rerun on an idle "
                       "machine before trusting them."]  # fmt: skip
     lines += [
@@ -1051,7 +1089,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     out = args.out or (args.work / "BENCHMARKS_quick.md" if args.quick else DEFAULT_OUT)
     model = [f"model={args.model}"] if args.model else []
-    began, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    load_at_start, busy_at_start = os.getloadavg()[0], cpu_busy_share()
+    began = time.perf_counter()
 
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - began:6.0f} s] {message}", flush=True)
@@ -1126,6 +1165,7 @@ def main(argv: list[str] | None = None) -> None:
         notes=notes,
         elapsed_min=(time.perf_counter() - began) / 60,
         load_at_start=load_at_start,
+        busy_at_start=busy_at_start,
         cores=os.cpu_count() or 1,
     )
     text = render(report)

@@ -94,8 +94,7 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake("pipeline::decoder_layer")
-    def _(h, slots, positions, k_cache, v_cache, rotations, attn_norm, mlp_norm, eps, heads, weights, int8_x=False,
-          gemm_above=2**63 - 1):
+    def _(*args, **kwargs):  # updates h and the caches in place, returns nothing
         return None
 
     _register_fakes.done = True
