@@ -125,6 +125,17 @@ def test_issue_12_targets_read_both_sets_and_the_constrained_vs_free_rows():
     assert verdicts["constrained stage time <= 1.1x free (issue 12)"] == "met"
 
 
+def test_the_roofline_target_reads_the_profiled_free_step_when_there_is_one():
+    """A constrained stage skips the lm_head on most steps, so its tokens/s overstate the bytes read."""
+    rows = {"default": _row("default", 6.0, 2.0, decode_tps=190.0)}  # 190 tok/s x 0.1 GB = 95% by the stage
+    profile = Profile("engine q4 weights (...)", step_ms=12.5, weight_bytes=100_000_000, operators=[],
+                      weight_kernel_share=0.9)  # fmt: skip
+    verdicts = {t: (m, v) for t, m, v in targets(rows, {}, {}, BANDWIDTH_GB_S, profile=profile)}
+    measured, verdict = verdicts["single-stream decode >= 50% of the roofline of the format used"]
+    assert measured.startswith("40% (q4 weights: one free decode step, 12.5 ms for 100 MB, 8.0 of 20.0 GB/s")
+    assert verdict == "MISSED by 20%" and "the stage's tokens say 95%" in measured
+
+
 def test_targets_that_need_a_missing_row_say_not_measured_with_the_reason():
     rows = {"default": _row("default", 6.0, 2.0)}
     missing = {"llamacpp": "llama-cpp-python is not installed", "accuracy:transformers": "exit 1: error: boom"}

@@ -144,6 +144,23 @@ def test_interrupt_keeps_the_questions_done(tiny_fp32):
     assert [p.index for p in caught.value.partial.predictions] == [0, 1, 2, 3]
 
 
+def test_an_interrupt_between_stages_saves_the_finished_stages_as_killed(tmp_path, monkeypatch):
+    """Ctrl-C in the single stage's loss pass (after the stage, before the next): the run is killed, not running."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "grade_stage", interrupted)
+    cfg = load_config(["model=tiny", "prompt=raw", "generation.max_new_tokens=3", "dataset.num_questions=2"])
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_pipeline(cfg, tmp_path, log=lambda message: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "killed"
+    assert list(saved["stages"]) == ["single"] and saved["stages"]["single"]["complete"]
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
