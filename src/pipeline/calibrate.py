@@ -197,12 +197,14 @@ def _int8_activations_bf16() -> bool:
 
 
 def machine_key(shapes: Shapes, names: list[str]) -> str:
-    """What the measurement depends on: CPU model and flags, threads, torch version, shapes, candidates."""
+    """What the measurement depends on: CPU model and flags, threads, torch version, shapes, candidates, and
+    the source of our kernels."""
+    from pipeline import kernels
     from pipeline.environment import cpuinfo_field
 
     text = json.dumps(
         [cpuinfo_field("model name"), cpuinfo_field("flags"), platform.machine(), torch.get_num_threads(),
-         torch.__version__, asdict(shapes), names],
+         torch.__version__, asdict(shapes), names, kernels.SOURCE_DIGEST],
         sort_keys=True,
     )  # fmt: skip
     return hashlib.sha1(text.encode()).hexdigest()[:16]

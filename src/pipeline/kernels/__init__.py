@@ -30,6 +30,8 @@ _SOURCE = Path(__file__).with_name("qlinear.cpp")
 # One build folder per checkout: two copies of the project sharing ~/.cache/torch_extensions under one
 # name would rebuild each other's extension on every first call (a build command names its source path).
 _EXTENSION_NAME = "pipeline_qlinear_" + hashlib.sha1(str(_SOURCE.resolve()).encode()).hexdigest()[:8]
+# what the calibration's cache key holds, so that a changed kernel is measured again
+SOURCE_DIGEST = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
 # Set to 1 to skip the extension and always take the dequantize + matmul path.
 _DISABLE_ENV = "PIPELINE_DISABLE_KERNELS"
 
