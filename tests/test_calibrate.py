@@ -35,6 +35,15 @@ def test_int8_activations_are_picked_only_for_a_clear_gain_and_never_pick_the_fo
     )
     assert cal.engine_format() == "q4"  # formats are compared with fp32 activations; q4x8 is not a format
     assert cal.int8_activations("q4") and not cal.int8_activations("q8")
+    # q8 faster with fp32 activations, q4 with int8 ones: the choice follows the activations allowed
+    swapped = _calibration(
+        engine__fp32=_times(80, 120),
+        engine__q4=_times(12, 400),
+        engine__q4x8=_times(6, 400),
+        engine__q8=_times(10, 200),
+        engine__q8x8=_times(8, 200),
+    )
+    assert swapped.engine_format() == "q8" and swapped.engine_format(int8_activations=True) == "q4"
     assert not _calibration(engine__q4=_times(12, 400)).int8_activations("q4")  # not measured: never
 
 

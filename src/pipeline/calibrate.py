@@ -71,10 +71,19 @@ class Calibration:
     def time(self, candidate: str, rows: int) -> float:
         return self.step_ms.get(candidate, {}).get(str(rows), float("inf"))
 
-    def engine_format(self) -> str:
-        """The engine's fastest decode format for one row with fp32 activations; fp32 on ties."""
+    def engine_format(self, int8_activations: bool = False) -> str:
+        """The engine's fastest decode format for one row; fp32 on ties.
+
+        With `int8_activations` (precision.activations auto or int8) a format counts at its better time, with
+        or without int8 activations: q8 can be faster than q4 with fp32 activations and slower with int8 ones.
+        """
         formats = [c.split(":", 1)[1] for c in self.step_ms if c.startswith("engine:") and not c.endswith(X8)]
-        return min(formats, key=lambda f: (self.time(f"engine:{f}", 1), f != "fp32"))
+
+        def best(f: str) -> float:
+            x8 = self.time(f"engine:{f}{X8}", 1) * INT8_GAIN if int8_activations else float("inf")
+            return min(self.time(f"engine:{f}", 1), x8)
+
+        return min(formats, key=lambda f: (best(f), f != "fp32"))
 
     def kernel_rows(self, fmt: str) -> int:
         """The most rows for which the format's kernel is no slower than fp32 GEMM (then GEMM takes over)."""

@@ -56,7 +56,7 @@ class EngineBackend:
         loaded = load_model(cfg.model, device, torch.float32, "sdpa", cfg.runtime.seed)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
-        fmt = requested or calibration.engine_format()
+        fmt = requested or calibration.engine_format(cfg.precision.activations != "fp32")
         if requested and requested != "fp32":
             slower = calibration.slower_than_fp32(f"engine:{fmt}")
             if slower:
