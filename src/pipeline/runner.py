@@ -148,6 +148,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        ungraded = None  # a stage whose questions are all done but whose loss pass is still running
         try:
             if cfg.stages.single:
                 stage = run_single(
@@ -160,8 +161,10 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     postprocess,
                     constraint_for,
                 )
+                ungraded = stage
                 if cfg.stages.grader_loss:
                     grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
+                ungraded = None
                 _stage_done(result, stage, output_dir, log)
             if cfg.stages.batched:
                 if cfg.stages.single and cfg.stages.fresh_model_per_stage:
@@ -179,8 +182,10 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                     sort_by_length=cfg.stages.sort_by_length,
                     constraint_for=constraint_for,
                 )
+                ungraded = stage
                 if cfg.stages.grader_loss:
                     grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
+                ungraded = None
                 _stage_done(result, stage, output_dir, log)
         except StageInterrupted as interrupted:
             result.stages.append(interrupted.partial)
@@ -189,7 +194,9 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             log(f"interrupted: {interrupted}; partial results saved in {output_dir}")
             raise
         except KeyboardInterrupt:
-            # between stages (a loss pass, saving): every stage in the results is whole; the run is not
+            # between stages (a loss pass, saving): every stage is whole, one in its loss pass without the loss
+            if ungraded is not None:
+                result.stages.append(ungraded)
             result.status = "killed"
             save_results(result, output_dir)
             log(f"interrupted between stages; the finished stages are saved in {output_dir}")
