@@ -32,6 +32,9 @@ class Generation:
     first_token_s: float = float("nan")  # time to the first generated token (prefill) within that call
     # true when the output ran into the token budget without stopping (cut short)
     hit_budget: bool = False
+    # the generated token ids (stop token included), as the backend's own tokenizer numbers them: fidelity
+    # teacher-forces them in the reference, and token match compares them
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Prediction:
     # why the answer is wrong or missing ('' when correct): the tool strategy's class (no_form, unknown_unit,
     # quantity_not_in_question, grounding_changed_unit, wrong_conversion), else no_answer or wrong_answer
     failure: str = ""
+    # true when the constraint fully determined this output (no step had more than one allowed token)
+    forced: bool = False
 
 
 @dataclass
@@ -94,12 +99,31 @@ class StageResult:
     accuracy_by_template: dict[str, float] = field(default_factory=dict)
     # wrong or missing answers per failure class (see Prediction.failure)
     failures: dict[str, int] = field(default_factory=dict)
+    # Wilson 95% interval of the accuracy
+    accuracy_low: float = float("nan")
+    accuracy_high: float = float("nan")
+    # the null model's (random weights, same config) accuracy on the same questions; NaN when not computed
+    accuracy_null: float = float("nan")
+    # share of outputs the constraint fully determined (no step with more than one allowed token); NaN unconstrained
+    forced_share: float = float("nan")
+    # fidelity against the fp32 reference, teacher-forced along this stage's own sequences (pipeline.fidelity):
+    # KL(reference || run) per generated token, its mean with standard error, 99% / 99.9% / max, and top-1 agreement
+    kld_mean: float = float("nan")
+    kld_stderr: float = float("nan")
+    kld_p99: float = float("nan")
+    kld_p999: float = float("nan")
+    kld_max: float = float("nan")
+    top1_agreement: float = float("nan")
+    fidelity_tokens: int = 0
+    fidelity_reference: str = ""
+    # peak resident memory of the process during the stage (MiB)
+    peak_rss_mb: float = float("nan")
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
         """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`,
         template accuracies `<stage>/accuracy_by_template/<template>`, failure counts `<stage>/failures/<class>`."""
-        skip = {"name", "predictions", "accuracy_by_family", "accuracy_by_template", "failures"}
+        skip = {"name", "predictions", "accuracy_by_family", "accuracy_by_template", "failures", "fidelity_reference"}
         metrics = {
             f"{self.name}/{k}": float(v)
             for k, v in vars(self).items()
@@ -126,6 +150,7 @@ class RunResult:
     backend: str = "transformers"
     prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
     peak_gpu_memory_mb: float = float("nan")  # CUDA only: the most memory torch held during the stages
+    peak_rss_load_mb: float = float("nan")  # peak resident memory of the process while loading (MiB)
     status: str = "running"  # running, finished, or killed (interrupted; the stages done so far are kept)
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

@@ -7,7 +7,7 @@ dropped silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +64,22 @@ class Backend(Protocol):
 
     def loss_model(self) -> tuple[Any, Any, str]:
         """(torch model, tokenizer, description) that the course grader's loss pass runs on."""
+        ...
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids as this backend tokenizes it for generation."""
+        ...
+
+    def next_token_logprobs(
+        self, prompts: list[list[int]], continuations: list[list[int]], batched: bool
+    ) -> Iterator[Any]:
+        """Teacher-forced fidelity input: for each i, in order, a float32 CPU tensor [len(continuations[i]), vocab]
+        of log-softmax next-token distributions that this backend's own decoding path (its weights, format,
+        activations, kernels) gives for continuations[i][t] after prompts[i] + continuations[i][:t].
+
+        `batched`: the sequences run together, as the batched stage runs them (rows of one step share a matrix
+        product); else one at a time, as the single stage runs them. Yielded one sequence at a time so the
+        caller's memory stays bounded."""
         ...
 
 
