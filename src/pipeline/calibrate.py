@@ -160,7 +160,9 @@ def _kernels_available() -> bool:
 def _aten_int8(weight: torch.Tensor):
     scales = weight.abs().amax(dim=1) / 127
     quantized = (weight / scales[:, None]).round().to(torch.int8)
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, quantized, scales)
+    # the kernel wants its scales in the activations' dtype (bf16 activations: bf16 scales), as quantize.py keeps them
+    by_dtype = {dtype: scales.to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, quantized, by_dtype[x.dtype])
 
 
 def candidates() -> list[str]:
