@@ -141,6 +141,10 @@ def load_backend(cfg: Config, log: Callable[[str], None] = print) -> tuple[Backe
         from pipeline.backends.llamacpp import LlamaCppBackend as factory
     elif name == "engine":
         from pipeline.backends.engine import EngineBackend as factory
+    elif name == "openvino":
+        from pipeline.backends.openvino import OpenVINOBackend as factory
+    elif name == "ctranslate2":
+        from pipeline.backends.ctranslate2 import CTranslate2Backend as factory
     else:  # config validation keeps this from happening
         raise PipelineError(f"backend={name} is not valid; choose one of: {', '.join(BACKENDS)}")
     backend = factory(cfg, log)
