@@ -5,6 +5,11 @@ folder holds (metrics, tags, artifacts), so a crash or an interrupt leaves a FAI
 not a RUNNING one. `sync_folder` logs a saved run folder later, into the same run when one exists.
 Clients come from `client_for`, which first checks that the store answers: a store that is down costs
 seconds, not MLflow's retries.
+
+What the MLflow UI shows first is decided here too: the experiment's kind tag, a saved runs view whose
+columns lead with the numbers a sweep compares (`RUNS_VIEW_ID`), the headline metrics (`HEADLINE_METRICS`,
+named so that MLflow's alphabetical lists put them first), values rounded to what they resolve, and
+MLflow's system metrics sampled while the run is open.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,6 +37,77 @@ PREDICTIONS_TABLE = "predictions.json"  # the predictions as an MLflow table (th
 FAILURES_TABLE = "failures.json"  # the wrong or missing answers with their failure class, as an MLflow table
 FOLDER_TAG = "run_folder"
 STATUS_BY_RESULT = {"finished": "FINISHED", "killed": "KILLED", "running": "FAILED", "failed": "FAILED"}
+log = logging.getLogger(__name__)
+
+
+# The numbers a sweep compares, first, under names that MLflow's alphabetical lists (column picker, charts,
+# `Array.sort` in its UI) put first and in this order: stage times, accuracy with the null model's, fidelity
+# against the fp32 reference, tokens/s. They repeat `<stage>/<field>` metrics, which are all logged as well.
+HEADLINE_METRICS = (
+    ("1_time/batched_s", "batched/wall_time_s"),
+    ("1_time/single_s", "single/wall_time_s"),
+    ("2_accuracy/batched", "batched/accuracy"),
+    ("2_accuracy/batched_null", "batched/accuracy_null"),
+    ("2_accuracy/single", "single/accuracy"),
+    ("2_accuracy/single_null", "single/accuracy_null"),
+    ("3_fidelity/batched_kld", "batched/kld_mean"),
+    ("3_fidelity/batched_top1", "batched/top1_agreement"),
+    ("3_fidelity/single_kld", "single/kld_mean"),
+    ("3_fidelity/single_top1", "single/top1_agreement"),
+    ("4_throughput/batched_tokens_per_s", "batched/tokens_per_s"),
+    ("4_throughput/single_tokens_per_s", "single/tokens_per_s"),
+)
+# results.json fields outside its `metrics` block that MLflow gets too (older results.json lacked them there)
+EXTRA_METRICS = ("peak_rss_load_mb",)
+
+
+def mlflow_metrics(results: dict) -> dict[str, float]:
+    """The metrics of a results.json record as MLflow gets them: headline first, then every metric, in key order.
+
+    Values are rounded to what the measurement resolves (`round_metric`); NaN, infinite and missing values
+    (a fidelity or a null model not computed) are left out.
+    """
+    source = dict(results.get("metrics") or {})
+    for key in EXTRA_METRICS:
+        source.setdefault(key, results.get(key))
+    values = {key: source.get(field) for key, field in HEADLINE_METRICS}
+    values.update(source)
+    finite = {}
+    for key, value in values.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            finite[key] = round_metric(key, number)
+    return dict(sorted(finite.items()))  # the order MLflow's run page and compare view list them in
+
+
+def round_metric(key: str, value: float) -> float:
+    """`value` rounded to what metric `key` resolves, so the UI shows 18.38 s, not 18.381234567890123.
+
+    Counts, flags and bytes stay exact; times keep 4 significant digits (down to 1 µs), tokens/s 4 significant
+    digits, memory 0.1 MiB, accuracies and shares 4 decimals (1/n resolved for n up to 10 000), KL divergences
+    4 significant digits, anything else 6.
+    """
+    name = key.rsplit("/", 1)[-1]
+    if value == int(value) and abs(value) < 2**53:
+        return value
+    if name.endswith("_per_s"):
+        return _significant(value, 4)
+    if name.endswith("_s"):
+        return round(_significant(value, 4), 6)
+    if name.endswith("_mb"):
+        return round(value, 1)
+    if "kld" in name:
+        return _significant(value, 4)
+    if "accuracy" in key or name.endswith(("_rate", "_share", "_agreement", "_top1", "_null")):
+        return round(value, 4)
+    return _significant(value, 6)
+
+
+def _significant(value: float, digits: int) -> float:
+    return float(f"{value:.{digits}g}")
 
 
 def default_uri(launch_dir: Path) -> str:
@@ -158,21 +236,85 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
+# MLflow's experiment kind: what its UI's type selector wrote for "Machine learning" experiments, and what UIs
+# before the "GenAI / Model training" switch (MLflow 3.9) read to open the runs table instead of the GenAI overview
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# a saved view of the runs table (the UI's "Views" menu, an experiment tag in the UI's own format)
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_ID, RUNS_VIEW_NAME = "pipeline-compare", "Speed, accuracy, fidelity"
+
+
 def ensure_experiment(client, name: str, uri: str) -> str:
-    """The id of experiment `name`, created (with artifacts beside a SQLite store) when it does not exist."""
+    """The id of experiment `name`, created (with artifacts beside a SQLite store) when it does not exist.
+
+    Created or not, the experiment gets the model-development kind and the saved runs view when it lacks them
+    (a kind or a view someone set is kept).
+    """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        _tag_experiment(client, experiment.experiment_id, experiment.tags)
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in whatever folder was current
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location, tags=experiment_tags())
     except Exception:  # a parallel job created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
+        _tag_experiment(client, experiment.experiment_id, experiment.tags)
         return experiment.experiment_id
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags every experiment the project logs to carries: its kind and the saved runs view."""
+    return {KIND_TAG: KIND, VIEW_TAG_PREFIX + RUNS_VIEW_ID: runs_view()}
+
+
+def _tag_experiment(client, experiment_id: str, tags: dict[str, str]) -> None:
+    for key, value in experiment_tags().items():
+        if not (tags.get(key) or "").strip():
+            try:
+                client.set_experiment_tag(experiment_id, key, value)
+            except Exception as err:  # a parallel job setting the same tag; a tag never fails the run
+                log.debug(f"experiment tag {key} not set: {err}")
+
+
+def runs_view() -> str:
+    """The saved runs view as the MLflow UI stores one (3.x): run name wide, then the headline metrics in order.
+
+    Opened from the runs table's "Views" menu, or by `ui_link`. Its state is what the UI's own "Save as new
+    view" writes (selected columns, their order and widths, the search facets); the UI fills in the rest.
+    """
+    metrics = [f"metrics.`{key}`" for key, _ in HEADLINE_METRICS]
+    state = {
+        "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
+        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
+        "selectedColumns": [*metrics, "attributes.`Dataset`"],
+        "columnOrder": ["attributes.`Run Name`", *metrics, "runDateAndNestInfo", "duration", "attributes.`Dataset`"],
+        "columnWidths": {"attributes.`Run Name`": 320, **{column: 150 for column in metrics}},
+    }  # fmt: skip
+    created_ms = 1_700_000_000_000  # fixed: the same view text whichever run wrote it
+    record = {"name": RUNS_VIEW_NAME, "createdAt": created_ms, "updatedAt": created_ms, "state": json.dumps(state)}
+    return json.dumps(record)
+
+
+def ui_link(uri: str, experiment_id: str, ui_base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI address of the experiment's runs table in the saved view, in the UI's model-training mode.
+
+    A tracking server serves its own UI (`uri` itself); for a database store, `mlflow ui` on `ui_base`.
+    """
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else ui_base
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_ID}&workflowType=machine_learning"
+
+
+def browse_hint(uri: str, experiment_id: str) -> str:
+    """How to see the runs: start `mlflow ui` on a database store (a tracking server serves its own), open `ui_link`."""
+    link = ui_link(uri, experiment_id)
+    if urlparse(uri).scheme in ("http", "https"):
+        return f"open {link}"
+    return f"mlflow ui --backend-store-uri {uri}, then open {link}"
 
 
 def client_for(uri: str):
@@ -183,12 +325,110 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+SYSTEM_METRICS_INTERVAL_S = 2.0  # a 20 s run gets 10 points; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+SYSTEM_METRICS_STOP_S = 5.0  # how long closing a run waits for the sampler (a store that stopped answering)
+_monitors: dict[str, object] = {}
+_monitors_lock = threading.Lock()
+
+
+def system_metrics_wanted(config: dict | None = None) -> bool:
+    """True unless `tracking.system_metrics` is false or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false."""
+    setting = ((config or {}).get("tracking") or {}).get("system_metrics", True)
+    env = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower()
+    return bool(setting) and env not in ("false", "0", "no", "off")
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float | None = None) -> bool:
+    """Sample CPU, memory, disk, network (a GPU's where there is one) and this process's memory into the run.
+
+    MLflow's own sampler, as `mlflow.start_run(log_system_metrics=True)` starts it: the run page's "System
+    metrics" tab charts `system/...`. Returns False (with one warning) where it cannot run, e.g. without psutil.
+    """
+    try:
+        monitor = _system_monitor_class()(run_id, sampling_interval=interval_s or SYSTEM_METRICS_INTERVAL_S,
+                                          tracking_uri=uri)  # fmt: skip
+        monitor.start()
+    except ImportError as err:
+        log.warning(f"no system metrics for MLflow run {run_id} ({err}); pip install psutil")
+        return False
+    except Exception as err:  # the run is logged all the same, without the System metrics tab
+        log.warning(f"no system metrics for MLflow run {run_id}: {_first_line(err)}")
+        return False
+    with _monitors_lock:
+        _monitors[run_id] = monitor
+    return True
+
+
+def stop_system_metrics(run_id: str) -> None:
+    """Stop the run's sampler, logging what it sampled since its last point; a no-op when none runs."""
+    with _monitors_lock:
+        monitor = _monitors.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
+
+
+def _system_monitor_class():
+    """MLflow's SystemMetricsMonitor with this process's memory and CPU, and a bounded, lossless stop."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise here
+    import psutil
+    from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class ProcessMonitor(BaseMetricsMonitor):
+        """This process's resident memory (MiB like `<stage>/peak_rss_mb`; the peak of a point's samples) and CPU
+        use (% of one core: above 100 with several threads)."""
+
+        def __init__(self):
+            super().__init__()
+            self._me = psutil.Process()
+            self._me.cpu_percent()  # the first call only starts psutil's interval
+
+        def collect_metrics(self):
+            self._metrics["process_rss_mb"].append(self._me.memory_info().rss / 2**20)
+            self._metrics["process_cpu_percentage"].append(self._me.cpu_percent())
+
+        def aggregate_metrics(self):
+            rss, cpu = self._metrics.get("process_rss_mb"), self._metrics.get("process_cpu_percentage")
+            if not rss:
+                return {}
+            return {"process_rss_mb": round(max(rss), 1), "process_cpu_percentage": round(sum(cpu) / len(cpu), 1)}
+
+    class Monitor(SystemMetricsMonitor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.monitors.append(ProcessMonitor())
+
+        def finish(self):
+            # MLflow's finish() joins the sampler without a limit, and drops the samples taken since its last
+            # point: a run shorter than one interval got none. Here the join is bounded (a sampler stuck in a
+            # store's retries is left behind: it is a daemon thread) and the last samples become one more point.
+            thread = self._process
+            if thread is None:
+                return
+            self._shutdown_event.set()
+            thread.join(SYSTEM_METRICS_STOP_S)
+            self._process = None
+            if thread.is_alive():
+                log.warning(f"system metrics of MLflow run {self._run_id} stopped without their last point")
+                return
+            try:
+                leftover = self.aggregate_metrics()
+                if leftover:
+                    self.publish_metrics(leftover)
+                self.mlflow_logger.flush()
+            except Exception as err:
+                log.warning(f"could not log the last system metrics of MLflow run {self._run_id}: {err}")
+
+    return Monitor
+
+
 def start_run(
     uri: str, experiment: str, run_name: str, config: dict, output_dir: Path, parent_run_id: str | None = None
 ) -> str:
     """Open a RUNNING run with the flattened config as params; returns its id and notes it in the run folder.
 
-    With `parent_run_id` the run is nested under a sweep's parent run.
+    With `parent_run_id` the run is nested under a sweep's parent run. System metrics are sampled from here
+    until `finish_run` (see `start_system_metrics`).
     """
     _write_dataset_file(output_dir, config)  # first: the folder keeps it even when the store is down
     client = client_for(uri)
@@ -199,6 +439,8 @@ def start_run(
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     _log_params(client, run.info.run_id, config)
     _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id)
+    if system_metrics_wanted(config):
+        start_system_metrics(uri, run.info.run_id, (config.get("tracking") or {}).get("system_metrics_interval_s"))
     return run.info.run_id
 
 
@@ -272,7 +514,7 @@ def _log_folder(client, run_id: str, output_dir: Path, config: dict | None = Non
         "cpu_kind": environment.get("cpu_kind", ""),
         **results.get("tags", {}),  # what the backend chose and why (e.g. the calibration)
     }
-    metrics = [Metric(k, float(v), 0, 0) for k, v in results.get("metrics", {}).items() if not math.isnan(float(v))]
+    metrics = [Metric(k, v, 0, 0) for k, v in mlflow_metrics(results).items()]
     for begin in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[begin : begin + 500])
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -343,8 +585,10 @@ def finish_run(
 ) -> None:
     """Log the run folder's results into the run and close it (status from the results unless given).
 
-    A failed run also gets its error message as the `error` tag and its job log as an artifact.
+    A failed run also gets its error message as the `error` tag and its job log as an artifact. The run's
+    system metrics stop first, so their last point lands before the run closes.
     """
+    stop_system_metrics(run_id)
     client = client_for(uri)
     client.log_dict(run_id, config, "config.json")
     result_status = _log_folder(client, run_id, Path(output_dir), config)
