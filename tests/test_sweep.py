@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from conftest import run_app
 
-from pipeline.report import Row, _runs_from_mlflow, _runs_from_sqlite, compare, mark_pareto
+from pipeline.report import Row, _runs_from_mlflow, _runs_from_sqlite, compare, mark_pareto, pareto_front
 from pipeline.report import main as report_main
 
 TINY = ["model=tiny", "prompt=raw", "dataset.num_questions=3", "generation.max_new_tokens=4"]
@@ -51,8 +51,16 @@ def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, launcher):
         assert child.info.status == "FINISHED"
         for metric in ("single/wall_time_s", "batched/wall_time_s", "batched/accuracy", "load_time_s"):
             assert metric in child.data.metrics
+    assert parent.data.tags["mlflow.runName"] == "sweep: precision=fp32,bf16 attention=eager,sdpa"  # what it varies
+    assert "model=tiny" in parent.data.params["sweep.overrides"]  # and every override, as a param
+    assert "system/cpu_utilization_percentage" in parent.data.metrics  # sampled while the sweep ran
+    for child in children:  # the headline the runs table and the compare view lead with
+        assert child.data.metrics["1_time/batched_s"] == child.data.metrics["batched/wall_time_s"]
+        assert "2_accuracy/batched" in child.data.metrics and "system/process_rss_mb" in child.data.metrics
+    experiment_id = parent.info.experiment_id
+    assert f"#/experiments/{experiment_id}/runs?viewStateShareKey=pipeline-compare" in result.stdout  # browse link
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.txt", "comparison.csv", "comparison.json", "latency_vs_accuracy.png", "speedup.png",
+    assert {"comparison.txt", "comparison.csv", "comparison.json", "pareto.png", "speedup.png",
             "multirun.yaml"} <= artifacts  # fmt: skip
     table = client.load_table(parent.info.experiment_id, "comparison.json", run_ids=[parent.info.run_id])
     assert sorted(table["run"]) == sorted(c.data.tags["mlflow.runName"] for c in children)
@@ -81,7 +89,7 @@ def test_report_command_prints_the_table_against_a_baseline(tmp_path, capsys):
     assert report_main(["--uri", uri, "--baseline", "precision=bf16", "--figures", str(tmp_path / "fig")]) == 0
     out = capsys.readouterr().out
     assert "precision=bf16 (baseline)" in out and "precision=fp32" in out and "speed-up single" in out
-    assert (tmp_path / "fig" / "latency_vs_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "fig" / "pareto.png").stat().st_size > 1000
     assert report_main(["--uri", uri, "--baseline", "precision=fp64"]) == 2
     assert report_main(["--uri", uri, "--experiment", "nope"]) == 2
 
@@ -111,3 +119,51 @@ def test_speedups_accuracy_changes_and_pareto_front():
     assert rows[1].speedup_single == pytest.approx(2.0) and rows[2].accuracy_change == pytest.approx(-0.10)
     mark_pareto(rows)
     assert [r.name for r in rows if r.pareto] == ["bf16", "int8"]
+
+
+def test_pareto_fronts_over_time_and_accuracy_or_kld():
+    points = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.9), (0.5, 0.1), (2.5, 0.95)]
+    assert pareto_front(points, maximize_y=True) == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.9), (2.5, 0.95)]
+    kld = [(1.0, 0.02), (2.0, 0.01), (3.0, 0.03), (0.5, 0.2)]
+    assert pareto_front(kld, maximize_y=False) == [(0.5, 0.2), (1.0, 0.02), (2.0, 0.01)]
+
+
+def _sweep_row(i, single_s, batched_s, accuracy, kld):
+    metrics = {"single/wall_time_s": single_s, "batched/wall_time_s": batched_s, "single/accuracy": accuracy,
+               "batched/accuracy": accuracy, "batched/accuracy_null": 0.0625, "single/kld_mean": kld,
+               "batched/kld_mean": kld}  # fmt: skip
+    params = {"dataset.name": "unit_conversion", "dataset.path": "None", "dataset.num_questions": "32"}
+    tags = {"device_name": "AMD EPYC", "cpu_kind": "avx2"}
+    name = f"precision={('fp32', 'bf16', 'int8', 'q4')[i]},attention={('eager', 'sdpa')[i % 2]}"
+    return Row(f"id{i}", name, "FINISHED", params, single_s, batched_s, 0.0, 0.0, accuracy, metrics=metrics, tags=tags)
+
+
+def test_the_pareto_figure_names_every_run_in_a_legend_clear_of_the_panels():
+    """Four runs at the same accuracy and nearly the same time (where labels at the points overlapped)."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import figure_title, pareto_figure
+
+    rows = [_sweep_row(i, 4.4 + 0.01 * i, 2.0 + 0.01 * i, 1.0, 0.04 - 0.01 * i) for i in range(4)]  # KLD falls
+    title = figure_title(rows, "precision, attention")
+    assert title == "sweep over precision, attention: AMD EPYC (avx2); unit_conversion, 32 questions"
+    fig = pareto_figure(rows, title)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        names = [t.get_text() for t in legend.get_texts()]
+        assert names[:4] == [r.name for r in rows] and "Pareto front" in " ".join(names) and "null model" in names[-1]
+        box = legend.get_window_extent(renderer)
+        assert len(fig.axes) == 4 and all(not box.overlaps(ax.get_tightbbox(renderer)) for ax in fig.axes)
+        assert not {t.get_text() for ax in fig.axes for t in ax.texts} & set(names)  # no label at a point
+        assert fig._suptitle.get_text() == title
+        panels = {ax.get_title(): ax for ax in fig.axes}
+        assert set(panels) == {"single stage", "batched stage"}  # both stages, accuracy above KLD
+        assert [ax.get_ylabel() for ax in fig.axes] == [
+            "accuracy",
+            "accuracy",
+            *["KL divergence to fp32, mean per token"] * 2,
+        ]
+    finally:
+        plt.close(fig)

@@ -1,4 +1,4 @@
-"""Compare runs: stage times, tokens/s, speed-up and accuracy change against a baseline, Pareto front.
+"""Compare runs: stage times, tokens/s, speed-up and accuracy change against a baseline, fidelity, Pareto fronts.
 
     python -m pipeline.report --experiment unit-conversion [--sweep PARENT_RUN_ID]
         [--baseline 'precision=fp32,attention=eager'] [--uri sqlite:///mlflow.db]
@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -37,6 +37,16 @@ class Row:
     # the course grader's points of both stages together, and of how many (see pipeline.grader)
     grader_points: float = math.nan
     grader_max_points: float = math.nan
+    # the null model's accuracy and the fidelity against fp32 (KLD per token, top-1), of the stage `accuracy` is from
+    accuracy_null: float = math.nan
+    kld: float = math.nan
+    top1: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict, repr=False)  # every metric of the run
+    tags: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def stage(self, stage: str, name: str) -> float:
+        """The run's `<stage>/<name>` metric, NaN when it has none."""
+        return float(self.metrics.get(f"{stage}/{name}", math.nan))
 
 
 @dataclass
@@ -55,12 +65,10 @@ def _metric(run: StoredRun, key: str) -> float:
 
 
 def rows_from_runs(runs: list[StoredRun]) -> list[Row]:
-    """One row per run, accuracy from the batched stage, else the single."""
+    """One row per run, accuracy (and the null model's, and fidelity) from the batched stage, else the single."""
     rows = []
     for run in runs:
-        accuracy = _metric(run, "batched/accuracy")
-        if math.isnan(accuracy):
-            accuracy = _metric(run, "single/accuracy")
+        scored = "single" if math.isnan(_metric(run, "batched/accuracy")) else "batched"
         rows.append(
             Row(
                 run_id=run.run_id,
@@ -71,9 +79,14 @@ def rows_from_runs(runs: list[StoredRun]) -> list[Row]:
                 batched_s=_metric(run, "batched/wall_time_s"),
                 single_tokens_per_s=_metric(run, "single/tokens_per_s"),
                 batched_tokens_per_s=_metric(run, "batched/tokens_per_s"),
-                accuracy=accuracy,
+                accuracy=_metric(run, f"{scored}/accuracy"),
                 grader_points=_stages_sum(run, "grader_points"),
                 grader_max_points=_stages_sum(run, "grader_max_points"),
+                accuracy_null=_metric(run, f"{scored}/accuracy_null"),
+                kld=_metric(run, f"{scored}/kld_mean"),
+                top1=_metric(run, f"{scored}/top1_agreement"),
+                metrics=dict(run.metrics),
+                tags=dict(run.tags),
             )
         )
     return rows
@@ -137,7 +150,8 @@ def _f(value: float, fmt: str) -> str:
 def table(rows: list[Row], base: Row | None) -> str:
     """The comparison as a fixed-width text table (also valid to read as plain text in MLflow)."""
     headers = ["run", "status", "single_s", "batched_s", "single tok/s", "batched tok/s", "speed-up single",
-               "speed-up batched", "accuracy", "Δ accuracy", "course points", "pareto"]  # fmt: skip
+               "speed-up batched", "accuracy", "Δ accuracy", "null acc.", "KLD", "top-1", "course points",
+               "pareto"]  # fmt: skip
     body = [
         [
             r.name + (" (baseline)" if r is base else ""),
@@ -150,6 +164,9 @@ def table(rows: list[Row], base: Row | None) -> str:
             _f(r.speedup_batched, ".2f") + "x",
             _f(r.accuracy, ".3f"),
             _f(r.accuracy_change, "+.3f"),
+            _f(r.accuracy_null, ".3f"),
+            _f(r.kld, ".4g"),
+            _f(r.top1, ".3f"),
             _f(r.grader_points, ".1f") + ("" if math.isnan(r.grader_max_points) else f"/{r.grader_max_points:.0f}"),
             "*" if r.pareto else "",
         ]  # fmt: skip
@@ -172,47 +189,159 @@ def columns(rows: list[Row], base: Row | None) -> dict[str, list]:
         "speedup_batched": [r.speedup_batched for r in rows],
         "accuracy": [r.accuracy for r in rows],
         "accuracy_change": [r.accuracy_change for r in rows],
+        "accuracy_null": [r.accuracy_null for r in rows],
+        "kld_mean": [r.kld for r in rows],
+        "top1_agreement": [r.top1 for r in rows],
         "pareto": [r.pareto for r in rows],
     }
 
 
-def figures(rows: list[Row], folder: Path) -> list[Path]:
-    """Latency versus accuracy with the Pareto front, and speed-up bars; PNG files in `folder`."""
+STAGES = ("single", "batched")
+# one look per run, the same in every panel; sizes shrink run after run so that runs at the same point
+# show as rings inside rings instead of hiding each other
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "h", "p")
+FIGURE_FILES = ("pareto.png", "speedup.png")
+
+
+def figure_title(rows: list[Row], swept: str | None = None) -> str:
+    """What a sweep ran on: its swept keys, the CPU (name and instruction set) and the data set with its size."""
+    cpus = sorted({" ".join(filter(None, (r.tags.get("device_name"), _parenthesized(r.tags.get("cpu_kind")))))
+                   for r in rows} - {""})  # fmt: skip
+    datasets = sorted({_dataset(r) for r in rows} - {""})
+    what = f"sweep over {swept}" if swept else f"{len(rows)} runs"
+    return f"{what}: {', '.join(cpus) or 'CPU unknown'}; {', '.join(datasets) or 'data set unknown'}"
+
+
+def _parenthesized(text: str | None) -> str:
+    return f"({text})" if text else ""
+
+
+def _dataset(row: Row) -> str:
+    path = row.params.get("dataset.path")
+    name = Path(path).stem if path and path != "None" else row.params.get("dataset.name", "")
+    count = row.params.get("dataset.num_questions")
+    return f"{name}, {count} questions" if name and count else name
+
+
+def pareto_front(points: list[tuple[float, float]], maximize_y: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both x (lower is better) and y, sorted by x."""
+    sign = -1.0 if maximize_y else 1.0
+    front = [
+        (x, y)
+        for x, y in points
+        if not any(
+            ox <= x and sign * oy <= sign * y and (ox < x or sign * oy < sign * y)
+            for ox, oy in points
+            if (ox, oy) != (x, y)
+        )
+    ]
+    return sorted(set(front))
+
+
+def pareto_figure(rows: list[Row], title: str):
+    """Stage time against accuracy and against KLD, one panel per stage and measure, with each Pareto front.
+
+    Runs are told apart by marker and colour and named in one legend below the panels (labels at the points
+    overlapped wherever runs landed close together). The null model's accuracy is a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    done = [r for r in rows if r.status == "FINISHED"]
+    colors = plt.get_cmap("tab10").colors
+    looks = {r.run_id: (MARKERS[i % len(MARKERS)], colors[i % len(colors)], 150 - 90 * i / max(len(done) - 1, 1))
+             for i, r in enumerate(done)}  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    measures = (("accuracy", "accuracy", True), ("kld_mean", "KL divergence to fp32, mean per token", False))
+    shown_null = shown_front = False
+    for row_index, (metric, label, maximize) in enumerate(measures):
+        for col, stage in enumerate(STAGES):
+            ax = axes[row_index][col]
+            points = [(r, r.stage(stage, "wall_time_s"), r.stage(stage, metric)) for r in done]
+            points = [(r, x, y) for r, x, y in points if math.isfinite(x) and math.isfinite(y)]
+            ax.set_title(f"{stage} stage", fontsize=10)
+            ax.set_xlabel(f"{stage} stage time, s")
+            ax.set_ylabel(label)
+            if not points:
+                what = "fidelity" if metric == "kld_mean" else "accuracy"
+                ax.text(0.5, 0.5, f"no {what} measured in this stage", ha="center", va="center",
+                        transform=ax.transAxes, color="gray")  # fmt: skip
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            for r, x, y in points:
+                marker, color, size = looks[r.run_id]
+                ax.scatter([x], [y], s=size, marker=marker, facecolors="none", edgecolors=[color], linewidths=1.6)
+            front = pareto_front([(x, y) for _, x, y in points], maximize)
+            if len(front) > 1:
+                ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", lw=1, zorder=0)
+                shown_front = True
+            if metric == "accuracy":
+                ax.set_ylim(-0.05, 1.05)
+                nulls = [v for v in (r.stage(stage, "accuracy_null") for r, _, _ in points) if math.isfinite(v)]
+                if nulls:
+                    ax.axhline(sum(nulls) / len(nulls), color="gray", ls="--", lw=1)
+                    shown_null = True
+            else:
+                ax.set_ylim(bottom=0)
+            ax.margins(x=0.15)
+            ax.grid(alpha=0.3)
+    handles = []
+    for r in done:
+        marker, color, _ = looks[r.run_id]
+        handles.append(Line2D([], [], ls="", marker=marker, markerfacecolor="none", markeredgecolor=color,
+                              markeredgewidth=1.6, markersize=8, label=r.name))  # fmt: skip
+    if shown_front:
+        handles.append(Line2D([], [], color="gray", lw=1, label="Pareto front (no run is faster and better)"))
+    if shown_null:
+        handles.append(Line2D([], [], color="gray", ls="--", lw=1, label="null model (random weights), mean"))
+    columns = 2 if len(handles) > 3 else len(handles) or 1
+    legend_rows = math.ceil(len(handles) / columns)
+    fig.suptitle(title, fontsize=11)
+    bottom = min(0.03 + 0.028 * legend_rows, 0.5)  # room for the legend below the panels
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    return fig
+
+
+def speedup_figure(rows: list[Row], title: str):
+    """Speed-up of each stage over the baseline run, one pair of bars per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if r.status == "FINISHED"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([_latency(r) for r in done], [r.accuracy for r in done], color="tab:blue")
-    for r in done:
-        ax.annotate(r.name, (_latency(r), r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = sorted((r for r in done if r.pareto), key=_latency)
-    ax.plot([_latency(r) for r in front], [r.accuracy for r in front], "r-o", label="Pareto front")
-    ax.set_xlabel("stage time, s (single stage; batched where no single)")
-    ax.set_ylabel("accuracy")
-    ax.legend()
-    fig.tight_layout()
-    pareto_png = folder / "latency_vs_accuracy.png"
-    fig.savefig(pareto_png, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = [r.name for r in done]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     positions = range(len(done))
-    ax.bar([p - 0.2 for p in positions], [r.speedup_single for r in done], width=0.4, label="single")
-    ax.bar([p + 0.2 for p in positions], [r.speedup_batched for r in done], width=0.4, label="batched")
-    ax.set_xticks(list(positions), names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up over baseline")
+    ax.bar([p - 0.2 for p in positions], [r.speedup_single for r in done], width=0.4, label="single stage")
+    ax.bar([p + 0.2 for p in positions], [r.speedup_batched for r in done], width=0.4, label="batched stage")
+    ax.set_xticks(list(positions), [r.name for r in done], rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel("speed-up over the baseline run")
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.legend()
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    bars_png = folder / "speedup.png"
-    fig.savefig(bars_png, dpi=110)
-    plt.close(fig)
-    return [pareto_png, bars_png]
+    return fig
+
+
+def figures(rows: list[Row], folder: Path, swept: str | None = None) -> list[Path]:
+    """The Pareto figure (time against accuracy and KLD, both stages) and the speed-up bars; PNG files in `folder`."""
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    title = figure_title(rows, swept)
+    paths = []
+    for name, build in zip(FIGURE_FILES, (pareto_figure, speedup_figure)):
+        fig = build(rows, title)
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths
 
 
 def load_runs(uri: str, experiment: str, sweep: str | None = None) -> list[StoredRun]:
