@@ -149,6 +149,8 @@ def check_group_options(args: list[str], conf_dir: Path = Path(__file__).resolve
     for arg in args:
         group, sep, value = arg.lstrip("+~").partition("=")
         folder = conf_dir / group
+        if group == "model" and "null" in value.split(","):
+            return "model=null: Hydra reads null as 'no option'; the null model (random weights) is model=random"
         if not sep or "/" in group or not folder.is_dir() or value == "null":
             continue
         options = sorted(f.stem for f in folder.glob("*.yaml"))
@@ -185,8 +187,19 @@ def check_overrides(args: list[str], conf_dir: Path = Path(__file__).resolve().p
     return None
 
 
+def check_cpu_kind() -> str | None:
+    """A forced CPU kind this CPU cannot run, as one line (else None)."""
+    from pipeline import cpu
+
+    try:
+        cpu.current()
+    except PipelineError as err:
+        return str(err)
+    return None
+
+
 if __name__ == "__main__":
-    problem = check_group_options(sys.argv[1:]) or check_overrides(sys.argv[1:])
+    problem = check_cpu_kind() or check_group_options(sys.argv[1:]) or check_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)

@@ -99,6 +99,61 @@ def test_prompts_without_the_shared_prefix_run_and_leave_it_intact(tiny):
     assert [seq.generated for seq in again] == expected[:2]
 
 
+def test_a_prompt_with_the_prefix_admitted_where_one_without_it_ran_gets_the_prefix_back(tiny):
+    """One slot: a prompt without the shared prefix writes over the slot's copy of it; the prompt with the prefix
+    admitted into that slot later in the same call must attend over the prefix, not over what was written there."""
+    tokenizer = tiny.tokenizer
+    with_prefix = _chat(tokenizer, "How many grams are in 6 kg?")
+    without = tokenizer("Six kilograms in grams, please, and quickly:", add_special_tokens=False)["input_ids"]
+    never = StopTokens(tokenizer, None, eos_ids=[])
+
+    def hidden_states(prompts: list[list[int]], slots: int) -> dict[int, list[torch.Tensor]]:
+        engine = Engine(tiny.model, "fp32")
+        seen: dict[int, list[torch.Tensor]] = {}
+
+        def observe(rows, hidden):
+            for seq, h in zip(rows, hidden):
+                seen.setdefault(seq.index, []).append(h.clone())
+
+        with torch.inference_mode():
+            engine.set_prefix(with_prefix[:12])
+            engine.generate(prompts, 4, never, slots, observe=observe)
+        return seen
+
+    alone = hidden_states([with_prefix], 1)[0]
+    after = hidden_states([without, with_prefix], 1)[1]  # the same slot, after the prompt without the prefix
+    for got, want in zip(after, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # rows moving down into a slot a prompt without the prefix used (continuous batching, 2 slots)
+    moved = hidden_states([without, with_prefix, with_prefix], 2)
+    for index in (1, 2):
+        for got, want in zip(moved[index], alone):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sizes,fmt,needle",
+    [
+        (dict(hidden_size=96, num_attention_heads=4, head_dim=16), "fp32", "differ from hidden_size"),
+        (dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=5, intermediate_size=160), "q4", "groups of 32"),
+        (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3), "fp32", "group evenly"),
+    ],
+)
+def test_shapes_the_engine_cannot_run_are_unsupported_not_a_crash(tiny, sizes, fmt, needle):
+    """backend=auto falls back to transformers on EngineUnsupported; any other error would stop the run."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from pipeline.engine import EngineUnsupported
+
+    config = LlamaConfig(
+        vocab_size=len(tiny.tokenizer), num_hidden_layers=1, max_position_embeddings=512,
+        **{"intermediate_size": 128, "num_key_value_heads": 2, **sizes},
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(EngineUnsupported, match=needle):
+        Engine(model, fmt)
+
+
 def test_stop_tokens_decide_from_ids(tiny):
     tokenizer = tiny.tokenizer
     newline = StopTokens(tokenizer, "\n", eos_ids=[tokenizer.eos_token_id])

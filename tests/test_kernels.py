@@ -5,17 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import kernels
+from pipeline import cpu, kernels
 from pipeline.errors import PipelineError
 
 GROUP = kernels.GROUP_SIZE
 
 
-@pytest.fixture(scope="module")
-def built():
-    """The extension, built (or loaded from ~/.cache/torch_extensions) once for the module."""
+@pytest.fixture(params=cpu.KERNEL_ISAS)
+def built(request, monkeypatch):
+    """Each kernel build this CPU executes (the CPU kind forced to its ISA); the op namespace of that build.
+
+    A build whose instructions this CPU lacks is skipped, saying which CPU it needs."""
+    isa = request.param
+    detected = cpu.detected_kind()
+    if cpu.rank(detected) < cpu.rank(isa):
+        needs = " ".join(sorted(cpu.NEEDS[isa]))
+        pytest.skip(f"the {isa} kernel build needs a CPU with {needs} (this one is {detected}); CI on such a CPU runs it")
+    monkeypatch.setenv(cpu.KIND_ENV, isa)
     if not kernels.available():
-        pytest.skip(f"kernel unavailable: {kernels.unavailable_reason()}")
+        pytest.fail(f"the {isa} kernel build should run on this {detected} CPU: {kernels.unavailable_reason()}")
+    assert kernels.isa() == isa
+    return kernels.ops()
 
 
 def gguf_q4_1(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,9 +142,9 @@ def test_kernels_match_dequantize_then_matmul(built, m, k, n):
     generator = torch.Generator().manual_seed(m * 7 + k + n)
     x = torch.randn(m, k, generator=generator)
     q4 = random_q4(n, k, generator)
-    _check(torch.ops.pipeline.q4_linear(x, *q4), x @ kernels.dequantize_q4(*q4).t())
+    _check(built.q4_linear(x, *q4), x @ kernels.dequantize_q4(*q4).t())
     q8 = random_q8(n, k, generator)
-    _check(torch.ops.pipeline.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
+    _check(built.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
 
 
 @pytest.mark.parametrize("shape", [(64,), (2, 5, 64), (0, 64)])
@@ -166,38 +176,80 @@ def test_results_do_not_depend_on_the_thread_count(built):
 def test_bad_inputs_give_messages_that_name_the_problem(built):
     q4 = kernels.quantize_q4(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        torch.ops.pipeline.q4_linear(torch.randn(2, 48), *q4)
+        built.q4_linear(torch.randn(2, 48), *q4)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.pipeline.q4_linear(torch.randn(2, 64, dtype=torch.float64), *q4)
+        built.q4_linear(torch.randn(2, 64, dtype=torch.float64), *q4)
     with pytest.raises(RuntimeError, match=r"expected \[N, K/2\]"):
-        torch.ops.pipeline.q4_linear(torch.randn(2, 128), *q4)
+        built.q4_linear(torch.randn(2, 128), *q4)
 
 
 def test_fallback_is_dequantize_then_matmul(monkeypatch):
     """Without the extension (no compiler, no AVX2, or disabled) the same functions still compute y."""
-    monkeypatch.setattr(kernels, "_state", kernels._State())
+    monkeypatch.setattr(kernels, "_states", {})
     monkeypatch.setenv("PIPELINE_DISABLE_KERNELS", "1")
     assert not kernels.available()
     assert "PIPELINE_DISABLE_KERNELS" in kernels.unavailable_reason()
+    assert kernels.describe().startswith("none (") and kernels.isa() is None
     w, x = torch.randn(96, 128), torch.randn(3, 128)
     q4, q8 = kernels.quantize_q4(w), kernels.quantize_q8(w)
     _check(kernels.q4_linear(x, *q4), x @ kernels.dequantize_q4(*q4).t())
     _check(kernels.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
 
 
-def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path):
+def test_the_cpu_kind_none_has_no_kernel_and_says_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_states", {})
+    monkeypatch.setenv(cpu.KIND_ENV, "none")
+    assert not kernels.available()
+    assert "CPU kind none" in kernels.unavailable_reason() and "AVX2" in kernels.unavailable_reason()
+
+
+def test_a_failed_build_is_said_once_remembered_and_not_retried(monkeypatch, tmp_path):
+    """A source that does not compile: the reason names it, and a later process reads the remembered failure
+    instead of compiling again, until asked to rebuild."""
+    from torch.utils import cpp_extension
+
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error this extension does not build\n")
-    monkeypatch.setattr(kernels, "_state", kernels._State())
+    monkeypatch.setattr(kernels, "_states", {})
     monkeypatch.setattr(kernels, "_SOURCE", broken)
-    monkeypatch.setattr(kernels, "_EXTENSION_NAME", "pipeline_qlinear_broken")
+    monkeypatch.setattr(kernels, "SOURCE_DIGEST", "broken")
+    monkeypatch.setattr(kernels, "_extension_name", lambda isa: f"pipeline_qlinear_broken_{isa}")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu.KIND_ENV, "avx2")
     monkeypatch.delenv("PIPELINE_DISABLE_KERNELS", raising=False)
     assert not kernels.available()
-    assert kernels.unavailable_reason().startswith("building broken.cpp failed")
+    assert kernels.unavailable_reason().startswith("building broken.cpp for avx2 failed")
+    assert "this extension does not build" in kernels.unavailable_reason()
     q8 = kernels.quantize_q8(torch.randn(16, 64))
     x = torch.randn(2, 64)
     _check(kernels.q8_linear(x, *q8), x @ kernels.dequantize_q8(*q8).t())
+    # a new process: the failure is read back, and the compiler is not run again
+    calls = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(kernels, "_states", {})
+    assert not kernels.available()
+    assert "remembered" in kernels.unavailable_reason() and kernels.REBUILD_ENV in kernels.unavailable_reason()
+    assert calls == []
+    monkeypatch.setattr(kernels, "_states", {})
+    monkeypatch.setenv(kernels.REBUILD_ENV, "1")
+    kernels.available()
+    assert len(calls) == 1  # asked to: it builds again
+
+
+def test_a_build_that_computes_wrong_is_not_used():
+    """The check every fresh build passes before use: a q4_linear that returns zeros is caught."""
+    lib = torch.library.Library("pipeline_selftest", "DEF")
+    lib.define("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, bool int8_x=False) -> Tensor")
+    lib.define("q8_linear(Tensor x, Tensor qweight, Tensor scales, bool int8_x=False) -> Tensor")
+    lib.impl("q4_linear", lambda x, w, s, m, int8_x=False: x.new_zeros(x.shape[0], w.shape[0]), "CPU")
+    lib.impl("q8_linear", lambda x, w, s, int8_x=False: x @ kernels.dequantize_q8(w, s).t(), "CPU")
+    problem = kernels._self_test("selftest")
+    assert "q4_linear" in problem and "off by" in problem
+
+
+def test_every_built_kernel_passes_its_check(built):
+    assert kernels._self_test(kernels.isa()) == ""
 
 
 def test_fake_implementations_let_torch_compile_trace_the_ops(built):
@@ -210,7 +262,7 @@ def test_fake_implementations_let_torch_compile_trace_the_ops(built):
     x = torch.randn(2, 3, 64)
     compiled = torch.compile(two_layers, fullgraph=True, backend="aot_eager")
     _check(compiled(x), two_layers(x))
-    torch.library.opcheck(torch.ops.pipeline.q4_linear.default, (x, *q4), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(built.q4_linear.default, (x, *q4), test_utils=("test_schema", "test_faketensor"))
 
 
 def quantize_x_int8(x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +284,8 @@ def test_int8_activations_multiply_the_weights_with_x_rounded_to_int8(built, k, 
     x = torch.randn(1, k, generator=generator) * torch.rand(1, k, generator=generator) * 4
     xq = quantize_x_int8(x)
     for weights, op, dequantize in (
-        (random_q4(n, k, generator), torch.ops.pipeline.q4_linear, kernels.dequantize_q4),
-        (random_q8(n, k, generator), torch.ops.pipeline.q8_linear, kernels.dequantize_q8),
+        (random_q4(n, k, generator), built.q4_linear, kernels.dequantize_q4),
+        (random_q8(n, k, generator), built.q8_linear, kernels.dequantize_q8),
     ):
         w = dequantize(*weights)
         got = op(x, *weights, int8_x=True)

@@ -71,13 +71,15 @@ class Calibration:
     def time(self, candidate: str, rows: int) -> float:
         return self.step_ms.get(candidate, {}).get(str(rows), float("inf"))
 
-    def engine_format(self, int8_activations: bool = False) -> str:
-        """The engine's fastest decode format for one row; fp32 on ties.
+    def engine_format(self, int8_activations: bool = False, allowed: tuple[str, ...] | None = None) -> str:
+        """The engine's fastest decode format for one row among `allowed` (those exact for the source weights;
+        None: any); fp32 on ties.
 
         With `int8_activations` (precision.activations auto or int8) a format counts at its better time, with
         or without int8 activations: q8 can be faster than q4 with fp32 activations and slower with int8 ones.
         """
         formats = [c.split(":", 1)[1] for c in self.step_ms if c.startswith("engine:") and not c.endswith(X8)]
+        formats = [f for f in formats if allowed is None or f in allowed] or ["fp32"]
 
         def best(f: str) -> float:
             x8 = self.time(f"engine:{f}{X8}", 1) * INT8_GAIN if int8_activations else float("inf")
@@ -106,6 +108,8 @@ class Calibration:
         """A warning when `candidate` measured slower than fp32 on the same backend ('' when it is not)."""
         backend = candidate.split(":", 1)[0]
         reference = f"{backend}:fp32"
+        if candidate not in self.step_ms or reference not in self.step_ms:
+            return ""  # not measured here (no kernel of ours): the caller says what runs instead
         worst = max(ROWS, key=lambda r: self.time(candidate, r) / self.time(reference, r))
         ratio = self.time(candidate, worst) / self.time(reference, worst)
         if ratio <= SLOWER:
@@ -209,13 +213,13 @@ def _int8_activations_bf16() -> bool:
 
 def machine_key(shapes: Shapes, names: list[str]) -> str:
     """What the measurement depends on: CPU model and flags, threads, torch version, shapes, candidates, and
-    the source of our kernels."""
-    from pipeline import kernels
+    the source of our kernels, the CPU kind in force and the kernel build it loads."""
+    from pipeline import cpu, kernels
     from pipeline.environment import cpuinfo_field
 
     text = json.dumps(
         [cpuinfo_field("model name"), cpuinfo_field("flags"), platform.machine(), torch.get_num_threads(),
-         torch.__version__, asdict(shapes), names, kernels.SOURCE_DIGEST],
+         torch.__version__, asdict(shapes), names, kernels.SOURCE_DIGEST, cpu.current().describe(), kernels.isa()],
         sort_keys=True,
     )  # fmt: skip
     return hashlib.sha1(text.encode()).hexdigest()[:16]

@@ -50,6 +50,9 @@ class ModelConfig:
     # where the dequantized embedded model is cached; null: $PIPELINE_CACHE_DIR or ~/.cache/llm-pipeline
     cache_dir: str | None = None
     trust_remote_code: bool = False
+    # the null model (model=random): this model's architecture and tokenizer with random weights, seeded by
+    # runtime.seed; an accuracy next to its accuracy shows what the prompt and constraint decide without a model
+    random_weights: bool = False
     # sizes of the random `tiny` model
     tiny_hidden_size: int = 64
     tiny_layers: int = 2
@@ -213,6 +216,16 @@ class StagesConfig:
     batched_budget_s: float = 15.0
     # the course grader's quality loss, points and case time after each stage (pipeline.grader)
     grader_loss: bool = True
+    # the loss is the course's, over a stage's first N questions (the course grades 32); null: all of them, in
+    # chunks of N so that memory does not grow with the number of questions
+    grader_questions: int | None = 32
+    # fidelity against the fp32 reference (KL divergence, top-1 agreement) over each stage's first N sequences
+    # (pipeline.fidelity); null: all of them
+    fidelity: bool = True
+    fidelity_questions: int | None = 32
+    # the null model's accuracy (random weights, same config, cached per config and data set) beside each accuracy
+    null_model: bool = True
+    null_questions: int | None = 256  # the null model's questions: the run's first N (null: all of them)
     # load (and warm up) a fresh model before each stage, counted in that stage, as the course builds one per case
     fresh_model_per_stage: bool = False
 
@@ -220,6 +233,9 @@ class StagesConfig:
         _check_positive("stages.micro_batch_size", self.micro_batch_size)
         _check_positive("stages.single_budget_s", self.single_budget_s)
         _check_positive("stages.batched_budget_s", self.batched_budget_s)
+        _check_positive("stages.grader_questions", self.grader_questions, allow_none=True)
+        _check_positive("stages.fidelity_questions", self.fidelity_questions, allow_none=True)
+        _check_positive("stages.null_questions", self.null_questions, allow_none=True)
         if not (self.single or self.batched):
             raise PipelineError("both stages are off; set stages.single=true or stages.batched=true")
 

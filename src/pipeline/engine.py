@@ -56,17 +56,25 @@ class Constraint(Protocol):
 
 
 class Linear:
-    """y = x @ W.T for the engine: fp32 GEMM for many rows, the decode format's kernel for a few."""
+    """y = x @ W.T for the engine: fp32 GEMM for many rows, the decode format's kernel for a few.
+
+    Without a kernel of ours (pipeline.kernels says why), q4/q8 weights are dequantized once here and run as
+    fp32: the format's rounding without its speed, never a dequantization per call.
+    """
 
     def __init__(self, weight: torch.Tensor, fmt: str, max_kernel_rows: int):
         self.out_features, self.in_features = weight.shape
-        self.weight_t = weight.detach().float().t().contiguous()  # [K, N]: x @ W_t reads rows in order
         self.fmt, self.max_kernel_rows = fmt, max_kernel_rows
         self.packed: tuple[torch.Tensor, ...] = ()
         if fmt in ("q4", "q8"):
             from pipeline import kernels
 
-            self.packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
+            packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
+            if kernels.available():
+                self.packed = packed
+            # the rows above the kernel's (fp32 GEMM) multiply the same rounded weights: q4 means q4 everywhere
+            weight = kernels.dequantize_q4(*packed) if fmt == "q4" else kernels.dequantize_q8(*packed)
+        self.weight_t = weight.detach().float().t().contiguous()  # [K, N]: x @ W_t reads rows in order
 
     def __call__(self, x: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
         if self.packed and x.shape[0] <= self.max_kernel_rows:
@@ -94,7 +102,10 @@ class Layer:
         q, k = (_interleave_halves(w, head_dim) for w in (attn.q_proj.weight, attn.k_proj.weight))
         qkv = torch.cat([q, k, attn.v_proj.weight])
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        for name, module in (("q_proj", attn.q_proj), ("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
+        projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+        for name, module in [(n, getattr(attn, n)) for n in projections] + [
+            (n, getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")
+        ]:
             if getattr(module, "bias", None) is not None:
                 raise EngineUnsupported(f"backend=engine has no bias support ({name}); use backend=transformers")
         self.qkv = Linear(qkv, fmt, max_kernel_rows)
@@ -113,6 +124,31 @@ def _fused_kernel_available() -> bool:
     from pipeline import kernels
 
     return kernels.available()
+
+
+def _kernel_ops():
+    from pipeline import kernels
+
+    return kernels.ops()
+
+
+def _check_shapes(config, heads: int, kv_heads: int, head_dim: int, fmt: str) -> None:
+    """Raise EngineUnsupported (backend=auto then uses transformers) for shapes the engine's code does not run."""
+    why = ""
+    if heads * head_dim != config.hidden_size:
+        why = f"{heads} heads x head_dim {head_dim} differ from hidden_size {config.hidden_size}"
+    elif heads % kv_heads:
+        why = f"{heads} query heads do not group evenly onto {kv_heads} key/value heads"
+    elif head_dim % 8:
+        why = f"head_dim {head_dim} is not a multiple of 8"
+    elif fmt in ("q4", "q8"):
+        from pipeline.kernels import GROUP_SIZE
+
+        odd = [k for k in (config.hidden_size, config.intermediate_size) if k % GROUP_SIZE]
+        if odd:
+            why = f"{fmt} weights come in groups of {GROUP_SIZE} along K, and K = {odd[0]} is not a multiple"
+    if why:
+        raise EngineUnsupported(f"backend=engine cannot run this model: {why}; use backend=transformers")
 
 
 def _interleave_halves(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -143,6 +179,7 @@ class Engine:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
+        _check_shapes(config, self.num_heads, self.num_kv_heads, self.head_dim, fmt)
         self.embedding = inner.embed_tokens.weight.detach().float()
         self.layers = [Layer(block, fmt, max_kernel_rows) for block in inner.layers]
         self.norm = inner.norm.weight.detach().float()
@@ -155,6 +192,7 @@ class Engine:
         # q4/q8 weights run every step and prefill as one fused kernel call per layer (our kernel up to
         # max_kernel_rows rows, fp32 GEMM above); fp32 weights, or no kernel, take the eager path
         self.fused = fmt != "fp32" and _fused_kernel_available()
+        self._ops = _kernel_ops() if self.fused else None
         self.max_kernel_rows = max_kernel_rows
         # one-row decoding multiplies q4/q8 weights with activations quantized to int8 (llama.cpp's way)
         self.int8_x = int8_activations
@@ -164,7 +202,10 @@ class Engine:
         self.prefix: list[int] = []
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
-        self._mixed = False  # a prompt without the shared prefix is running
+        # per slot: whether it holds the shared prefix (a prompt without the prefix writes over its slot's copy;
+        # a prompt with the prefix admitted there later gets it back first)
+        self.prefix_ok: list[bool] = []
+        self._observe = None  # generate's `observe` hook while it runs
         self._ensure(slots, 256)
 
     # ------------------------------------------------------------------ memory
@@ -192,11 +233,23 @@ class Engine:
         self.rotations_real = torch.view_as_real(self.rotations).contiguous()
         self._write_prefix()
 
-    def _write_prefix(self) -> None:
-        width = len(self.prefix)
+    def _write_prefix(self, slot: int | None = None) -> None:
+        """Put the shared prefix at the start of one slot, or of every slot."""
+        width, rows = len(self.prefix), slice(None) if slot is None else slice(slot, slot + 1)
         for k, v, pk, pv in zip(self.k_cache, self.v_cache, self.prefix_k, self.prefix_v):
-            k[:, :, :width] = pk
-            v[:, :, :width] = pv
+            k[rows, :, :width] = pk
+            v[rows, :, :width] = pv
+        if slot is None:
+            self.prefix_ok = [True] * self.slots
+        else:
+            self.prefix_ok[slot] = True
+
+    def _admit(self, slot: int, seq: Sequence) -> None:
+        """Make `slot` ready for `seq`: the shared prefix back where seq needs it, marked overwritten where not."""
+        if seq.start > 0 and not self.prefix_ok[slot]:
+            self._write_prefix(slot)
+        elif seq.start == 0 and self.prefix:
+            self.prefix_ok[slot] = False
 
     def set_prefix(self, prefix: list[int]) -> None:
         """Compute the KV cache of `prefix` once and put it at the start of every slot."""
@@ -210,11 +263,16 @@ class Engine:
         self.prefix_v = [v[0, :, : len(prefix)].clone() for v in self.v_cache]
         self._write_prefix()
 
-    def _move(self, source: int, target: int, start: int, length: int) -> None:
-        """Copy positions start..length of a running row's cache to a lower slot, keeping running rows packed."""
+    def _move(self, source: int, target: int, seq: Sequence) -> None:
+        """Copy a running row's cache to a lower slot, keeping running rows packed.
+
+        A row with the shared prefix copies only its own positions where the target slot holds the prefix,
+        else all of them; a row without the prefix always copies all and leaves the target without it."""
+        start = seq.start if seq.start > 0 and self.prefix_ok[target] else 0
         for k, v in zip(self.k_cache, self.v_cache):
-            k[target, :, start:length] = k[source, :, start:length]
-            v[target, :, start:length] = v[source, :, start:length]
+            k[target, :, start : seq.position] = k[source, :, start : seq.position]
+            v[target, :, start : seq.position] = v[source, :, start : seq.position]
+        self.prefix_ok[target] = seq.start > 0 or not self.prefix
 
     # ------------------------------------------------------------------ the model
 
@@ -323,7 +381,7 @@ class Engine:
         """Hidden states after every layer for rows `tokens` at (slot, position), one kernel call per layer."""
         h = self.embedding[tokens]  # indexing copies: h is the rows' own buffer, updated in place
         for layer, k_cache, v_cache in zip(self.layers, self.k_cache, self.v_cache):
-            torch.ops.pipeline.decoder_layer(
+            self._ops.decoder_layer(
                 h, slot_ids, positions, k_cache, v_cache, self.rotations_real,
                 layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
                 self.max_kernel_rows,
@@ -354,12 +412,16 @@ class Engine:
         slots: int,
         on_first_token=None,
         constraints: list[Constraint | None] | None = None,
+        budgets: list[int] | None = None,
+        observe=None,
     ) -> list[Sequence]:
         """Greedy generation for every prompt (token ids), `slots` rows at a time; results in prompt order.
 
         Prompts that start with the shared prefix skip it. Continuous batching: whenever rows finish,
         waiting prompts take their slots in the next prefill. `on_first_token` is called once, when the
-        first prefill has produced its tokens. `constraints[i]`, where given, limits prompt i's tokens.
+        first prefill has produced its tokens. `constraints[i]`, where given, limits prompt i's tokens;
+        `budgets[i]` replaces `budget` for prompt i; `observe(rows, hidden)` sees each step's rows and their
+        final-norm hidden states before a token is chosen (teacher forcing reads the distributions there).
         """
         width = len(self.prefix)
         waiting = []
@@ -367,13 +429,12 @@ class Engine:
             shared = width > 0 and len(ids) > width and ids[:width] == self.prefix
             suffix = ids[width:] if shared else list(ids)
             constraint = constraints[i] if constraints else None
-            waiting.append(Sequence(i, suffix, width if shared else 0, budget, [], constraint=constraint))
-        # a prompt without the prefix overwrites its slot's copy of it: put the prefix back afterwards
-        overwrites = any(seq.start == 0 for seq in waiting) and width > 0
-        self._mixed = overwrites
+            own_budget = budgets[i] if budgets else budget
+            waiting.append(Sequence(i, suffix, width if shared else 0, own_budget, [], constraint=constraint))
         waiting.reverse()  # pop() takes them in order
-        longest = max(seq.start + len(seq.suffix) for seq in waiting)
-        self._ensure(min(slots, len(prompts)), longest + budget + 1)
+        longest = max(seq.start + len(seq.suffix) + seq.budget for seq in waiting)
+        self._ensure(min(slots, len(prompts)), longest + 1)
+        self._observe = observe
         running: list[Sequence] = []
         finished: list[Sequence] = []
         while waiting or running:
@@ -381,8 +442,10 @@ class Engine:
                 admitted = []
                 while waiting and len(running) + len(admitted) < slots:
                     admitted.append(waiting.pop())
-                first = len(running)
-                hidden = self._prefill([(first + i, seq) for i, seq in enumerate(admitted)])
+                batch = [(len(running) + i, seq) for i, seq in enumerate(admitted)]
+                for slot, seq in batch:
+                    self._admit(slot, seq)
+                hidden = self._prefill(batch)
                 if on_first_token is not None:
                     on_first_token()
                     on_first_token = None
@@ -397,9 +460,37 @@ class Engine:
                 self._accept(running, hidden, stopper)
             if any(seq.done for seq in running):
                 running = self._compact(running, finished)
-        if overwrites:
-            self._write_prefix()
         return sorted(finished, key=lambda seq: seq.index)
+
+    def teacher_forced(
+        self, prompts: list[list[int]], continuations: list[list[int]], slots: int
+    ) -> list[torch.Tensor]:
+        """The log-softmax distributions this engine's decoding path gives along each prompt + continuation.
+
+        `generate` itself runs, with each row forced to its continuation and stopping where it ended, so the
+        steps, their row counts and therefore the kernels used are those of the run that produced them;
+        every step scores the full lm_head in the decode format. Returns [len(continuation), vocab] each.
+        """
+        rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+        def observe(seqs: list[Sequence], hidden: torch.Tensor) -> None:
+            logprobs = torch.log_softmax(self.lm_head(hidden, self.int8_x), dim=-1)
+            for seq, row in zip(seqs, logprobs):
+                rows[seq.index].append(row)
+
+        live = [i for i, c in enumerate(continuations) if c]
+        if live:
+            self.generate(
+                [prompts[i] for i in live],
+                1,
+                StopTokens(None, None, []),
+                slots,
+                constraints=[_Forced(continuations[i]) for i in live],
+                budgets=[len(continuations[i]) for i in live],
+                observe=lambda seqs, hidden: observe([_Renumbered(s, live) for s in seqs], hidden),
+            )
+        self._observe = None
+        return [torch.stack(r) if r else torch.empty(0) for r in rows]
 
     def _accept(self, rows: list[Sequence], hidden: torch.Tensor, stopper: StopTokens) -> None:
         """Greedy choice of each row's next token (among the allowed ones where a constraint says), then stop rules.
@@ -408,6 +499,8 @@ class Engine:
         (a third of a decode step's weight reads); a constrained row scores just its allowed tokens, and
         one whose next token is forced scores nothing.
         """
+        if self._observe is not None:
+            self._observe(rows, hidden)
         allowed = [seq.constraint.allowed(seq.generated) if seq.constraint is not None else None for seq in rows]
         free = [row for row, choices in enumerate(allowed) if choices is None]
         tokens = dict.fromkeys(range(len(rows)), 0)
@@ -442,11 +535,26 @@ class Engine:
         movers = [slot for slot, seq in enumerate(running) if slot >= count and not seq.done]
         rows = list(running[:count])
         for hole, slot in zip(holes, movers):
-            # every slot holds the shared prefix unless a prompt without it wrote there: then copy it all
-            start = 0 if self._mixed else running[slot].start
-            self._move(slot, hole, start, running[slot].position)
+            self._move(slot, hole, running[slot])
             rows[hole] = running[slot]
         return rows
+
+
+class _Forced:
+    """A constraint that allows exactly the next token of a recorded continuation (teacher forcing)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def allowed(self, generated: list[int]) -> list[int]:
+        return [self.ids[len(generated)]] if len(generated) < len(self.ids) else []
+
+
+class _Renumbered:
+    """A sequence seen by `teacher_forced`'s observer with its index in the caller's full list."""
+
+    def __init__(self, seq: Sequence, live: list[int]):
+        self.index = live[seq.index]
 
 
 class StopTokens:

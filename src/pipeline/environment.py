@@ -34,12 +34,13 @@ def cpu_model() -> str:
 
 
 def cpu_kind(flags: str | None = None) -> str:
-    """The CPU kind that decides which kernels are fast: amx, avx512_bf16, avx512, avx2 or other."""
-    present = set((flags if flags is not None else cpuinfo_field("flags") or "").split())
-    for kind, flag in (("amx", "amx_bf16"), ("avx512_bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
-        if flag in present:
-            return kind
-    return "other"
+    """The CPU kind that decides which kernels are fast (pipeline.cpu): the forced kind where one is set;
+    with `flags`, the kind those flags make."""
+    from pipeline import cpu
+
+    if flags is not None:
+        return cpu.detected_kind(frozenset(flags.split()))
+    return cpu.kind()
 
 
 def device_name(device: torch.device) -> str:
@@ -76,11 +77,16 @@ def environment(device: torch.device) -> dict[str, str]:
     import torch
     import transformers
 
+    from pipeline import cpu
+
+    kind = cpu.current()
     return {
         "device": device.type,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
-        "cpu_kind": cpu_kind(),
+        "cpu_kind": kind.kind,
+        "cpu_kind_detected": kind.detected,
+        "cpu_kind_forced": "simulated" if kind.simulated else "forced" if kind.forced else "no",
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "torch_version": torch.__version__,

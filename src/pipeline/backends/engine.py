@@ -34,8 +34,9 @@ class EngineBackend:
     """The course API on the engine, continuously batched over `stages.micro_batch_size` slots."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
+        from pipeline import kernels
         from pipeline.calibrate import Shapes, calibrate
-        from pipeline.models import load_model, model_cache_dir, resolve_device
+        from pipeline.models import exact_engine_formats, load_model, model_cache_dir, resolve_device
 
         gen = cfg.generation
         if gen.do_sample or gen.num_beams != 1:
@@ -56,20 +57,39 @@ class EngineBackend:
         loaded = load_model(cfg.model, device, torch.float32, "sdpa", cfg.runtime.seed)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
-        fmt = requested or calibration.engine_format(cfg.precision.activations != "fp32")
-        if requested and requested != "fp32":
+        kernel = kernels.describe()
+        has_kernel = kernels.available()
+        exact = exact_engine_formats(loaded.source_formats)
+        fmt = requested or calibration.engine_format(cfg.precision.activations != "fp32", exact)
+        source = "+".join(dict.fromkeys(loaded.source_formats.values())) or "unknown"
+        if requested in ("q4", "q8") and requested not in exact:
+            self.warnings.append(
+                f"precision={cfg.precision.name}: the source weights are {source}, and {requested} rounds them "
+                "further (lossy); its cost is this run's KL divergence against fp32 (kld_mean, top1_agreement)"
+            )
+        if requested in ("q4", "q8") and not has_kernel:
+            self.warnings.append(
+                f"precision={cfg.precision.name}: no kernel of ours here ({kernels.unavailable_reason()}), so the "
+                f"{requested} weights are dequantized once at load and run as fp32: {requested}'s rounding without "
+                "its speed; precision=fp32 is as fast"
+            )
+        elif requested in ("q4", "q8"):
             slower = calibration.slower_than_fp32(f"engine:{fmt}")
             if slower:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
-        rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" else 0  # an explicit format runs its kernel
+        # an explicit format runs its kernel even where fp32 GEMM measured faster for one row
+        rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" and has_kernel else 0
         activations = cfg.precision.activations
-        int8_x = fmt != "fp32" and (
-            activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt))
-        )
+        int8_x = rows > 0 and (activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt)))
         if activations == "int8" and fmt == "fp32":
             self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
-        activations = "int8 activations for one row" if int8_x else "fp32 activations"
-        log(f"engine: {fmt} decode weights, {activations}, our kernel up to {rows} rows, fp32 GEMM above")
+        elif activations == "int8" and not int8_x:
+            self.warnings.append("precision.activations=int8 needs a kernel of ours; it is not applied here")
+        described = "int8 activations for one row" if int8_x else "fp32 activations"
+        products = (
+            f"our kernel ({kernel}) up to {rows} rows, fp32 GEMM above" if rows else f"fp32 GEMM (kernel: {kernel})"
+        )
+        log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
             self.engine = Engine(self.model, fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x)
         self.slots = cfg.stages.micro_batch_size
@@ -89,6 +109,8 @@ class EngineBackend:
             load_time_s=time.perf_counter() - start,
             tags={
                 "engine_kernel_rows": str(rows),
+                "kernel": kernel,
+                "source_formats": source,
                 "activations": "int8" if int8_x else "fp32",
                 "calibration": ", ".join(
                     f"{name} {times['1']:.1f}/{times['32']:.0f} ms" for name, times in calibration.step_ms.items()
@@ -100,12 +122,13 @@ class EngineBackend:
         """fp32 activations; the decode weight format and the bytes a step reads."""
         return self._info
 
-    def _encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, as generation feeds them (no special tokens added)."""
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Token length of each prompt."""
-        return [len(self._encode(p)) for p in prompts]
+        return [len(self.encode(p)) for p in prompts]
 
     def set_shared_prefix(self, prompts: list[str]) -> float:
         """Compute once the KV cache of the token prefix all `prompts` share, in every slot of the engine."""
@@ -113,7 +136,7 @@ class EngineBackend:
         if not self.use_prefix or not prompts:
             self.engine.set_prefix([])
             return 0.0
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         length = shared_prefix_length(encoded)
         if length < MIN_PREFIX_TOKENS:
             self.engine.set_prefix([])
@@ -140,7 +163,7 @@ class EngineBackend:
         budget = max_new_tokens or self.cfg.max_new_tokens
         with torch.inference_mode():
             sequences = self.engine.generate(
-                [self._encode(p) for p in prompts],
+                [self.encode(p) for p in prompts],
                 budget,
                 self.stopper,
                 self.slots,
@@ -156,6 +179,7 @@ class EngineBackend:
                 latency_s,
                 first_token_s,
                 seq.hit_budget,
+                token_ids=list(seq.generated),
             )
             for seq in sequences
         ]
@@ -165,6 +189,15 @@ class EngineBackend:
     ) -> Generation:
         """Generate for one prompt."""
         return self.batched_generate([prompt], max_new_tokens, [constraint] if constraint is not None else None)[0]
+
+    def next_token_logprobs(self, prompts: list[list[int]], continuations: list[list[int]], batched: bool):
+        """The engine's own distributions along the sequences, run as the stage ran them: one at a time for the
+        single stage, `micro_batch_size` rows continuously batched for the batched one (see Engine.teacher_forced)."""
+        size = self.slots if batched else 1
+        with torch.inference_mode():
+            for begin in range(0, len(prompts), size):
+                end = begin + size
+                yield from self.engine.teacher_forced(prompts[begin:end], continuations[begin:end], size)
 
     def loss_model(self):
         """The transformers model the engine took its weights from, in fp32."""

@@ -62,7 +62,17 @@ class TransformersBackend(Generator):
             measured = DTYPES[calibration.transformers_dtype()]
             if measured != dtype:
                 self.model.to(measured)
+            if measured != torch.float32:
+                self.warnings.append(
+                    f"precision=auto: {DTYPE_NAMES[measured]} measured faster than fp32 here and rounds the weights "
+                    "(lossy); its cost is this run's KL divergence against fp32 (kld_mean, top1_agreement)"
+                )
             return measured
+        if cfg.precision.name == "int8":
+            self.warnings.append(
+                "precision=int8: one int8 scale per output channel rounds the weights (lossy); its cost is this "
+                "run's KL divergence against fp32 (kld_mean, top1_agreement)"
+            )
         candidate = "int8" if cfg.precision.name == "int8" else DTYPE_NAMES[dtype]
         if candidate != "fp32":
             slower = calibration.slower_than_fp32(f"transformers:{candidate}")

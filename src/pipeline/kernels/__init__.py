@@ -1,24 +1,27 @@
-"""Weight-only quantized linear layers (4-bit and 8-bit, groups of 32) with an AVX2 kernel of our own.
+"""Weight-only quantized linear layers (4-bit and 8-bit, groups of 32) with kernels of our own per instruction set.
 
-Formats (both lossless for the SmolLM2 GGUF, whose layers are Q4_1 and whose embedding/lm_head is Q8_0):
+Formats:
   q4: per group of 32 weights along K, w = d * q + m with q in 0..15. qweight uint8 [N, K/2], byte j of a
       group holds element j in its low nibble and element j + 16 in its high nibble; scales, mins fp32 [N, K/32].
-  q8: per group of 32, w = d * q with q int8. qweight int8 [N, K]; scales fp32 [N, K/32].
+      Exact for GGUF Q4_1 layers (llama.cpp's Q4_1 puts each block's min and max on q = 0 and 15).
+  q8: per group of 32, w = d * q with q int8. qweight int8 [N, K]; scales fp32 [N, K/32]. Exact for Q8_0.
 
-`q4_linear` / `q8_linear` compute x @ dequant(W).T for fp32 x of shape [..., K]. The kernel (qlinear.cpp)
-is compiled on first use with torch.utils.cpp_extension (20 s on an idle 2-core machine, a minute on a
-busy one; then cached under ~/.cache/torch_extensions, and a later process loads it in ~0.2 s) and
-registered as torch.ops.pipeline.q4_linear / q8_linear, with fake implementations so that torch.compile
-traces through them. Without a compiler or AVX2 the same functions dequantize and call torch's matmul:
-correct, slow; `available()` and `unavailable_reason()` say which. Call `available()` before
-torch.compile so the extension is not built while tracing. The kernel splits N over
-torch.get_num_threads() threads.
+`q4_linear` / `q8_linear` compute x @ dequant(W).T for fp32 x of shape [..., K]. The kernel source
+(qlinear.cpp) is compiled once per instruction set the CPU kind calls for (pipeline.cpu: avx2, or avx512
+with what its CPU adds), with torch.utils.cpp_extension (10 to 60 s; then cached under
+$TORCH_EXTENSIONS_DIR, and a later process loads it in ~0.2 s), registered as torch.ops.pipeline_<isa>.*
+with fake implementations so that torch.compile traces through them, and checked against the portable
+reference before it is used. A build that fails or computes wrong is remembered per source and flags
+(not retried by every process) and said once: `available()`, `unavailable_reason()`, `describe()`. Without
+a kernel these functions dequantize and call torch's matmul (the reference: correct, slow); the engine
+then dequantizes q4/q8 weights once at load instead. The kernel splits N over torch.get_num_threads().
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,53 +30,100 @@ from pipeline.errors import PipelineError
 
 GROUP_SIZE = 32
 _SOURCE = Path(__file__).with_name("qlinear.cpp")
-# One build folder per checkout: two copies of the project sharing ~/.cache/torch_extensions under one
-# name would rebuild each other's extension on every first call (a build command names its source path).
-_EXTENSION_NAME = "pipeline_qlinear_" + hashlib.sha1(str(_SOURCE.resolve()).encode()).hexdigest()[:8]
 # what the calibration's cache key holds, so that a changed kernel is measured again
 SOURCE_DIGEST = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:12]
-# Set to 1 to skip the extension and always take the dequantize + matmul path.
+# Set to 1 to skip the extension and always take the portable path.
 _DISABLE_ENV = "PIPELINE_DISABLE_KERNELS"
+# Set to 1 to build again although an earlier build of this source failed (it is remembered, not retried).
+REBUILD_ENV = "PIPELINE_REBUILD_KERNELS"
+# compiler flags per instruction set (pipeline.cpu.KERNEL_ISAS); the source adds what each ISA has under #if
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
 
 
+def _extension_name(isa: str) -> str:
+    # One build folder per checkout and ISA: two copies of the project sharing ~/.cache/torch_extensions under
+    # one name would rebuild each other's extension on every first call (a build command names its source path).
+    return f"pipeline_qlinear_{isa}_" + hashlib.sha1(str(_SOURCE.resolve()).encode()).hexdigest()[:8]
+
+
+@dataclass
 class _State:
-    loaded: bool | None = None  # None: not tried yet
-    reason: str = ""
+    loaded: bool = False
+    reason: str = ""  # why the kernel is not in use ('' when it is)
 
 
-_state = _State()
+_states: dict[str | None, _State] = {}  # per kernel ISA (None: the kind has no kernel), tried once per process
 
 
-def _load() -> None:
-    """Build (or reuse the cached build of) the extension and register its fake implementations, once."""
-    if _state.loaded is not None:
-        return
-    _state.loaded, _state.reason = False, ""
+def _failure_marker(isa: str) -> Path:
+    """Where a failed build of this source for `isa` is remembered, so that later processes do not retry it."""
+    from pipeline.models import default_cache_dir
+
+    digest = hashlib.sha1((SOURCE_DIGEST + " ".join(ISA_FLAGS[isa]) + torch.__version__).encode()).hexdigest()[:12]
+    return default_cache_dir() / "kernels" / f"{_extension_name(isa)}-{digest}.failed"
+
+
+def _load(isa: str | None) -> _State:
+    """Build (or reuse the cached build of) the extension for `isa` and check it, once per process."""
+    if isa in _states:
+        return _states[isa]
+    state = _states[isa] = _State()
     if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-        _state.reason = f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}"
-        return
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        _state.reason = f"the CPU lacks AVX2+FMA (torch reports {capability})"
-        return
+        state.reason = f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}"
+        return state
+    if isa is None:
+        from pipeline import cpu
+
+        state.reason = f"CPU kind {cpu.current().describe()}: no kernel of ours runs here (it needs AVX2 + FMA)"
+        return state
+    marker = _failure_marker(isa)
+    if marker.is_file() and os.environ.get(REBUILD_ENV, "") in ("", "0"):
+        state.reason = f"{marker.read_text().strip()} (remembered; delete {marker} or set {REBUILD_ENV}=1 to retry)"
+        return state
+    name = _extension_name(isa)
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=_EXTENSION_NAME,
+            name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DNDEBUG"],
+            extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-DNDEBUG", f"-DPIPELINE_NS=pipeline_{isa}"],
             # the process already holds torch's libgomp.so.1, so this links to the same OpenMP runtime
             # and follows torch.set_num_threads
             extra_ldflags=["-fopenmp"],
             is_python_module=False,  # the .so registers torch ops; no Python bindings to compile
             verbose=False,
         )
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "use the fallback"
-        _state.reason = f"building {_SOURCE.name} failed: {_first_error_line(error)}"
-        return
-    _register_fakes()
-    _state.loaded = True
+        _register_fakes(isa)
+        error = _self_test(isa)
+    except Exception as failure:  # no compiler, no ninja, a failed build: all mean "use the portable path"
+        error = f"building {_SOURCE.name} for {isa} failed: {_first_error_line(failure)}"
+    if error:
+        state.reason = error
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(error + "\n")
+        return state
+    state.loaded = True
+    return state
+
+
+def _self_test(isa: str) -> str:
+    """'' when the fresh build computes what the portable reference does, else why not (then it is not used)."""
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=generator), torch.randn(40, 64, generator=generator)
+    ops = getattr(torch.ops, f"pipeline_{isa}")
+    q4, q8 = quantize_q4(w), quantize_q8(w)
+    for name, got, want in (
+        ("q4_linear", ops.q4_linear(x, *q4), x @ dequantize_q4(*q4).t()),
+        ("q8_linear", ops.q8_linear(x, *q8), x @ dequantize_q8(*q8).t()),
+    ):
+        error = float((got - want).abs().max())
+        if not error <= 1e-3:  # NaN fails too
+            return f"the {isa} build of {name} is off by {error:.3g} from the reference"
+    return ""
 
 
 def _first_error_line(error: Exception) -> str:
@@ -82,36 +132,81 @@ def _first_error_line(error: Exception) -> str:
     return next((line for line in lines if "error:" in line), lines[0])[:300]
 
 
-def _register_fakes() -> None:
+def _register_fakes(isa: str) -> None:
     """Shapes-only implementations, so torch.compile / FakeTensor tracing sees the output shape."""
-    if getattr(_register_fakes, "done", False):
+    ns = f"pipeline_{isa}"
+    if ns in _faked:
         return
 
-    @torch.library.register_fake("pipeline::q4_linear")
+    @torch.library.register_fake(f"{ns}::q4_linear")
     def _(x, qweight, scales, mins, int8_x=False):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-    @torch.library.register_fake("pipeline::q8_linear")
+    @torch.library.register_fake(f"{ns}::q8_linear")
     def _(x, qweight, scales, int8_x=False):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-    @torch.library.register_fake("pipeline::decoder_layer")
+    @torch.library.register_fake(f"{ns}::decoder_layer")
     def _(*args, **kwargs):  # updates h and the caches in place, returns nothing
         return None
 
-    _register_fakes.done = True
+    _faked.add(ns)
+
+
+_faked: set[str] = set()
+
+
+def _current() -> tuple[str | None, _State]:
+    from pipeline import cpu
+
+    global _in_use
+    isa = cpu.current().kernel_isa
+    state = _load(isa)
+    _in_use = getattr(torch.ops, f"pipeline_{isa}") if state.loaded else None
+    return isa, state
+
+
+# the op namespace the last look found in use: what code being traced by torch.compile reads (tracing cannot
+# read the CPU's flags or the build cache), hence "call available() before torch.compile"
+_in_use = None
+
+
+def _ops_for_call():
+    """The op namespace to call now, or None for the portable path."""
+    if torch.compiler.is_compiling():
+        return _in_use
+    isa, state = _current()
+    return _in_use if state.loaded else None
 
 
 def available() -> bool:
-    """Whether the AVX2 kernel is in use (builds or loads it on the first call)."""
-    _load()
-    return bool(_state.loaded)
+    """Whether a kernel build of ours runs for the CPU kind in force (builds or loads it on the first call)."""
+    return _current()[1].loaded
 
 
 def unavailable_reason() -> str:
-    """One line saying why the kernel is not in use; empty when it is."""
-    _load()
-    return _state.reason
+    """One line saying why no kernel is in use; empty when one is."""
+    return _current()[1].reason
+
+
+def isa() -> str | None:
+    """The instruction set of the kernel build in use (avx2, avx512), None when none is."""
+    current_isa, state = _current()
+    return current_isa if state.loaded else None
+
+
+def ops():
+    """The op namespace of the kernel build in use (torch.ops.pipeline_avx2, ...); call `available()` first."""
+    current_isa, state = _current()
+    if not state.loaded:
+        raise PipelineError(f"no kernel of ours is in use: {state.reason}")
+    return getattr(torch.ops, f"pipeline_{current_isa}")
+
+
+def describe() -> str:
+    """One line for logs and tags: the build in use, or why there is none."""
+    current_isa, state = _current()
+    return f"{current_isa} build of {_SOURCE.name}" if state.loaded else f"none ({state.reason})"
 
 
 def _check_weight(w: torch.Tensor) -> torch.Tensor:
@@ -159,13 +254,26 @@ def q4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, int8_x: bool = False
 ) -> torch.Tensor:
     """x [..., K] fp32 @ dequantize_q4(...).T -> [..., N] fp32 (`int8_x`: see `Engine`'s activations)."""
-    if available():
-        return torch.ops.pipeline.q4_linear(x, qweight, scales, mins, int8_x)
+    namespace = _ops_for_call()
+    if namespace is not None:
+        return namespace.q4_linear(x, qweight, scales, mins, int8_x)
     return x @ dequantize_q4(qweight, scales, mins).t()
 
 
 def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
     """x [..., K] fp32 @ dequantize_q8(...).T -> [..., N] fp32 (`int8_x`: see `Engine`'s activations)."""
-    if available():
-        return torch.ops.pipeline.q8_linear(x, qweight, scales, int8_x)
+    namespace = _ops_for_call()
+    if namespace is not None:
+        return namespace.q8_linear(x, qweight, scales, int8_x)
     return x @ dequantize_q8(qweight, scales).t()
+
+
+def main() -> None:
+    """`python -m pipeline.kernels`: build (or load) the kernel for this CPU's kind now and say which runs."""
+    from pipeline import cpu
+
+    print(f"CPU kind {cpu.current().describe()}: {describe()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -664,8 +664,17 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
 
 }  // namespace
 
+// One build per instruction set (pipeline.kernels compiles this file with that ISA's flags), each in its own
+// op namespace, pipeline_avx2 or pipeline_avx512, so that the builds of two CPU kinds can be loaded by one
+// process (the tests run every kind). The indirection expands PIPELINE_NS before TORCH_LIBRARY stringifies it.
+#ifndef PIPELINE_NS
+#define PIPELINE_NS pipeline_avx2
+#endif
+#define PIPELINE_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define PIPELINE_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
+
 // A fragment, not TORCH_LIBRARY: another extension of the project may add ops to the same namespace.
-TORCH_LIBRARY_FRAGMENT(pipeline, m) {
+PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, bool int8_x=False) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, bool int8_x=False) -> Tensor");
   m.def(
@@ -674,7 +683,7 @@ TORCH_LIBRARY_FRAGMENT(pipeline, m) {
       "bool int8_x=False, int gemm_above=9223372036854775807) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pipeline, CPU, m) {
+PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
   m.impl("decoder_layer", &decoder_layer);
