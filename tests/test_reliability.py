@@ -220,7 +220,8 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
     # transformers, one prompt per batch: a batched stage of seconds (the engine does these 160 in under one)
     command = [
         sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=160",
-        "stages.micro_batch_size=1", "stages.grader_loss=false", "runtime.warmup=false", f"hydra.run.dir={run_dir}",
+        "stages.micro_batch_size=1", "stages.grader_loss=false", "stages.fidelity=false", "stages.null_model=false",
+        "runtime.warmup=false", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = run_dir / "results.json"

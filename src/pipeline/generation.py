@@ -159,7 +159,7 @@ class Generator:
             return 0.0
         if self.cfg.num_beams != 1 or not self.cfg.use_cache:
             return 0.0
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         length = shared_prefix_length(encoded)
         if length < MIN_PREFIX_TOKENS:
             return 0.0
@@ -172,14 +172,22 @@ class Generator:
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Token length of each prompt."""
-        return [len(self._encode(p)) for p in prompts]
+        return [len(self.encode(p)) for p in prompts]
 
-    def _encode(self, prompt: str) -> list[int]:
+    def next_token_logprobs(self, prompts: list[list[int]], continuations: list[list[int]], batched: bool):
+        """The model's own distributions (its dtype, attention, quantized layers) along the sequences, teacher-forced
+        in chunks (pipeline.fidelity); a compiled decode step is not used here, its eager graph is."""
+        from pipeline.fidelity import teacher_forced
+
+        yield from teacher_forced(self.model, prompts, continuations)
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids, as generation feeds them (no special tokens added)."""
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _inputs(self, prompts: list[str]) -> dict:
         """Left-padded input ids and mask; with a shared prefix, the padding sits between prefix and suffix."""
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         prefix = self.prefix_ids
         use_prefix = bool(prefix) and all(ids[: len(prefix)] == prefix for ids in encoded)
         if use_prefix:
@@ -231,7 +239,8 @@ class Generator:
             hit_budget = count is None  # neither the stop text nor EOS: cut by the token budget
             count = count or len(tokens)
             text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            results.append(Generation(text, count, latency_s, first_token_s, hit_budget))
+            ids = tokens[:count].tolist()
+            results.append(Generation(text, count, latency_s, first_token_s, hit_budget, token_ids=ids))
         return results
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, constraint=None) -> Generation:

@@ -23,12 +23,26 @@ ZERO_POINTS_LOSS = 8.0  # at or above: no points
 ANSWER_TAG = "<answer>"
 
 
-def grader_loss(model, tokenizer, texts: list[str], padding_side: str | None = None) -> float:
+COURSE_BATCH = 32  # the course computes its loss over one batch of 32 outputs
+
+
+def grader_loss(
+    model, tokenizer, texts: list[str], padding_side: str | None = None, chunk: int = COURSE_BATCH
+) -> float:
     """The course's loss of `texts` (question + output each): mean next-token cross-entropy over the padded batch.
 
-    `padding_side` None pads on the tokenizer's own side, as the course does; the tokenizer's side is
-    restored afterwards either way.
+    Up to `chunk` texts are one padded batch, exactly the course's rule; more are taken `chunk` at a time and
+    their positions averaged together, so memory stays that of one batch. `padding_side` None pads on the
+    tokenizer's own side, as the course does; the tokenizer's side is restored afterwards either way.
     """
+    total, count = 0.0, 0
+    for begin in range(0, len(texts), chunk):
+        loss_sum, positions = _loss_sum(model, tokenizer, texts[begin : begin + chunk], padding_side)
+        total, count = total + loss_sum, count + positions
+    return total / count if count else float("nan")
+
+
+def _loss_sum(model, tokenizer, texts: list[str], padding_side: str | None) -> tuple[float, int]:
     saved = tokenizer.padding_side
     if padding_side is not None:
         tokenizer.padding_side = padding_side
@@ -40,11 +54,11 @@ def grader_loss(model, tokenizer, texts: list[str], padding_side: str | None = N
     input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask).logits
-        # the course's reduction; the logits stay in the model's own dtype, as the course leaves them
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
-        )
-    return float(loss)
+        # the course's reduction (a mean over every position, pads included); the logits stay in the model's
+        # own dtype, as the course leaves them
+        targets = input_ids[:, 1:].reshape(-1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
+    return float(loss) * targets.numel(), targets.numel()
 
 
 def grader_points(loss: float, max_points: float) -> float:
@@ -115,16 +129,23 @@ def diagnose(
 
 
 def grade_stage(
-    stage: StageResult, backend, construction_s: float, max_new_tokens: int, prompt_style: str = ""
+    stage: StageResult,
+    backend,
+    construction_s: float,
+    max_new_tokens: int,
+    prompt_style: str = "",
+    questions: int | None = COURSE_BATCH,
 ) -> None:
     """Fill `stage`'s grader fields from its outputs: loss on both padding sides, points, case time, diagnosis.
 
     `backend` gives the loss model (its own model, or fp32 transformers where it has no torch model);
     `construction_s` is model load, shared prefix and warm-up. The loss pass on the tokenizer's own side
-    is timed and counted in the case, as the course counts it; the pass on the other side is not.
+    is timed and counted in the case, as the course counts it; the pass on the other side is not. The loss
+    covers the stage's first `questions` outputs (the course grades 32; None: all, in chunks of 32).
     """
     limit_s, max_points = stage.budget_s, CASES[stage.name][1]
-    texts = [p.question + p.output for p in stage.predictions]
+    graded = stage.predictions[:questions]
+    texts = [p.question + p.output for p in graded]
     start = time.perf_counter()
     model, tokenizer, description = backend.loss_model()
     loss = grader_loss(model, tokenizer, texts)
@@ -147,8 +168,8 @@ def grade_stage(
         limit_s=limit_s,
         construction_s=construction_s,
         num_outputs=len(texts),
-        num_hit_budget=stage.num_hit_budget,
-        num_missing_tag=sum(ANSWER_TAG not in p.output for p in stage.predictions),
+        num_hit_budget=sum(p.hit_budget for p in graded),
+        num_missing_tag=sum(ANSWER_TAG not in p.output for p in graded),
         max_new_tokens=max_new_tokens,
         prompt_style=prompt_style,
     )

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.data import Item
 from pipeline.scoring import is_correct, parse_answer, score
+from pipeline.stats import wilson
 
 RESULTS_FILE, PREDICTIONS_FILE = "results.json", "predictions.csv"
 FAILURES_FILE = "failures.csv"  # the wrong or missing answers with their failure class, beside predictions.csv
@@ -55,6 +56,8 @@ class Prediction:
     failure: str = ""
     # true when the constraint fully determined this output (no step had more than one allowed token)
     forced: bool = False
+    # the generated token ids (what fidelity teacher-forces and token match compares)
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -116,8 +119,9 @@ class StageResult:
     top1_agreement: float = float("nan")
     fidelity_tokens: int = 0
     fidelity_reference: str = ""
-    # peak resident memory of the process during the stage (MiB)
+    # peak resident memory of the process during the stage (MiB), and torch's on a CUDA GPU
     peak_rss_mb: float = float("nan")
+    peak_gpu_memory_mb: float = float("nan")
     predictions: list[Prediction] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
@@ -151,6 +155,9 @@ class RunResult:
     prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
     peak_gpu_memory_mb: float = float("nan")  # CUDA only: the most memory torch held during the stages
     peak_rss_load_mb: float = float("nan")  # peak resident memory of the process while loading (MiB)
+    # the null model's score beside each stage's accuracy: over how many questions, on which backend
+    null_questions: int = 0
+    null_backend: str = ""
     status: str = "running"  # running, finished, or killed (interrupted; the stages done so far are kept)
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -166,6 +173,8 @@ class RunResult:
         }
         if self.peak_gpu_memory_mb == self.peak_gpu_memory_mb:  # not NaN: a CUDA run
             metrics["peak_gpu_memory_mb"] = self.peak_gpu_memory_mb
+        if self.peak_rss_load_mb == self.peak_rss_load_mb:
+            metrics["peak_rss_load_mb"] = self.peak_rss_load_mb
         for stage in self.stages:
             metrics.update(stage.metrics())
         return metrics
@@ -224,10 +233,12 @@ def finish_stage(
     overhead_s: float,
     micro_batch_size: int,
     complete: bool = True,
+    forced: list[bool] | None = None,
 ) -> StageResult:
     """Score a stage's outputs and compute its timing metrics; `items[i]` produced `generations[i]`.
 
     `processed[i]` is (text to score, parsed tool form or '', the failure class should the answer be wrong).
+    `forced[i]` says whether a constraint fully determined output i (None: the stage ran unconstrained).
 
     Rows of one batched call share a clock (same latency and first-token time): that call is counted
     once for first-token time and decode time, so decode tokens/s is not divided by the batch size.
@@ -238,7 +249,7 @@ def finish_stage(
     predictions = [
         Prediction(
             name, i, item.question, item.answer, text, p, ok, g.latency_s, g.num_tokens, form, g.hit_budget,
-            _failure(p, ok, why),
+            _failure(p, ok, why), bool(forced and forced[i]), list(g.token_ids),
         )
         for i, (item, g, (text, form, why), p, ok) in enumerate(zip(items, generations, processed, parsed, correct))
     ]  # fmt: skip
@@ -256,6 +267,8 @@ def finish_stage(
         generated_tokens=tokens,
         tokens_per_s=tokens / wall_time_s if wall_time_s > 0 else math.nan,
         accuracy=result.accuracy,
+        accuracy_low=wilson(result.num_correct, result.num_items)[0],
+        accuracy_high=wilson(result.num_correct, result.num_items)[1],
         answer_rate=result.answer_rate,
         num_questions=len(items),
         budget_s=budget_s,
@@ -272,5 +285,6 @@ def finish_stage(
         accuracy_by_family=_accuracy_by("family", items, correct),
         accuracy_by_template=_accuracy_by("template", items, correct),
         failures=dict(sorted(Counter(p.failure for p in predictions if p.failure).items())),
+        forced_share=sum(forced) / len(forced) if forced else math.nan,
         predictions=predictions,
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import memory
 from pipeline.backends import Backend, load_backend
 from pipeline.config import Config, PromptConfig
 from pipeline.data import load_items, select
@@ -96,27 +97,106 @@ def _fresh_backend(cfg: Config, prompts: list[str], log: Callable[[str], None]) 
 
 
 def _stage_done(result: RunResult, stage: StageResult, output_dir: Path, log: Callable[[str], None]) -> None:
-    """Keep a finished stage and write it to the run folder before anything else can fail."""
+    """Keep a finished stage and write it to the run folder before any pass that follows it can fail."""
     result.stages.append(stage)
     save_results(result, output_dir)
     retries = f", {stage.oom_retries} out-of-memory retries" if stage.oom_retries else ""
-    log(f"{stage.name} stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}{retries}")
-    for line in grader_lines(stage):
-        log(line)
+    interval = (
+        f" [{stage.accuracy_low:.3f}-{stage.accuracy_high:.3f}]" if stage.accuracy_low == stage.accuracy_low else ""
+    )
+    forced = "" if stage.forced_share != stage.forced_share else f", forced share {stage.forced_share:.3f}"
+    log(
+        f"{stage.name} stage: {stage.wall_time_s:.2f} s, accuracy {stage.accuracy:.3f}{interval}{forced}, "
+        f"peak memory {stage.peak_rss_mb:.0f} MiB{retries}"
+    )
+
+
+class _Reference:
+    """The fp32 reference for fidelity, built on first use (the engine's and llama.cpp's own loss model when it is
+    the reference already) and shared by both stages."""
+
+    def __init__(self, cfg: Config, log: Callable[[str], None]):
+        self.cfg, self.log, self.reference = cfg, log, None
+
+    def get(self, backend: Backend):
+        from pipeline.fidelity import Reference, is_reference
+
+        if self.reference is None:
+            model = backend.loss_model()[0]
+            if not is_reference(model):
+                from pipeline.models import load_model
+
+                start = time.perf_counter()
+                model = load_model(
+                    self.cfg.model, torch.device("cpu"), torch.float32, "sdpa", self.cfg.runtime.seed
+                ).model
+                self.log(f"fidelity: loaded the fp32 reference in {time.perf_counter() - start:.1f} s")
+            self.reference = Reference(model)
+        return self.reference
+
+
+def measure_fidelity(stage: StageResult, backend: Backend, reference, prompts: list[str], questions: int | None):
+    """Fill `stage`'s KLD and top-1 agreement against the reference over its first `questions` sequences."""
+    from pipeline.fidelity import compare
+
+    chosen = [p for p in stage.predictions[:questions] if p.token_ids]
+    prompt_ids = [backend.encode(prompts[p.index]) for p in chosen]
+    continuations = [p.token_ids for p in chosen]
+    batched = stage.name == "batched"
+    candidate = backend.next_token_logprobs(prompt_ids, continuations, batched)
+    result = compare(reference.logprobs(prompt_ids, continuations), candidate, reference.description)
+    stage.kld_mean, stage.kld_stderr, stage.kld_p99 = result.kld_mean, result.kld_stderr, result.kld_p99
+    stage.kld_p999, stage.kld_max, stage.top1_agreement = result.kld_p999, result.kld_max, result.top1_agreement
+    stage.fidelity_tokens, stage.fidelity_reference = result.tokens, result.reference
+    return result
+
+
+def _after_stage(
+    stage: StageResult,
+    generator: Backend,
+    cfg: Config,
+    overhead_s: float,
+    prompts: list[str],
+    reference: _Reference,
+    result: RunResult,
+    output_dir: Path,
+    log: Callable[[str], None],
+) -> None:
+    """The passes that follow a saved stage: the course's loss, fidelity; the stage is saved again after each."""
+    if cfg.stages.grader_loss:
+        grade_stage(
+            stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style, cfg.stages.grader_questions
+        )
+        save_results(result, output_dir)
+        for line in grader_lines(stage):
+            log(line)
+    if cfg.stages.fidelity:
+        start = time.perf_counter()
+        try:
+            measured = measure_fidelity(
+                stage, generator, reference.get(generator), prompts, cfg.stages.fidelity_questions
+            )
+        except NotImplementedError as missing:
+            log(f"{stage.name} fidelity: not measured ({missing})")
+        else:
+            log(f"{stage.name} fidelity: {measured.line()} ({time.perf_counter() - start:.1f} s)")
+        save_results(result, output_dir)
 
 
 def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = print) -> RunResult:
-    """Run everything the config asks for; results land in `output_dir` after each stage."""
+    """Run everything the config asks for; results land in `output_dir` after each stage and after each pass."""
     device = resolve_device(cfg.runtime.device)
     _set_runtime(cfg, device)
     items, warning = select(load_items(cfg.dataset.path, cfg.dataset.name), cfg.dataset.num_questions)
     warnings = [warning] if warning else []
+    memory.reset_peak()
     generator, backend_warnings = load_backend(cfg, log)
+    peak_rss_load_mb = memory.peak_rss_mb()
     warnings += backend_warnings
     for message in warnings:
         log(f"warning: {message}")
     info = generator.info()
-    log(f"loaded in {info.load_time_s:.1f} s from {info.source}")
+    log(f"loaded in {info.load_time_s:.1f} s from {info.source} (peak memory {peak_rss_load_mb:.0f} MiB)")
     prompts = [build_prompt(item.question, cfg.prompt, generator.tokenizer) for item in items]
 
     result = RunResult(
@@ -131,9 +211,11 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
         num_questions=len(items),
         environment=environment(device),
         backend=info.name,
+        peak_rss_load_mb=peak_rss_load_mb,
         tags={"backend": info.name, "weight_format": info.weight_format, **info.tags},
         warnings=warnings,
     )
+    reference = _Reference(cfg, log)
     grad_context = torch.inference_mode if cfg.runtime.inference_mode else contextlib.nullcontext
     with grad_context():
         result.prefix_time_s, result.warmup_time_s = prepare_backend(generator, prompts, cfg, log)
@@ -146,47 +228,35 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             constraint_for(items[0].question)
             result.warmup_time_s += time.perf_counter() - start
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ungraded = None  # a stage whose questions are all done but whose loss pass is still running
         try:
             if cfg.stages.single:
-                stage = run_single(
-                    generator,
-                    items,
-                    prompts,
-                    cfg.dataset.tolerance,
-                    cfg.stages.single_budget_s,
-                    overhead_s,
-                    postprocess,
-                    constraint_for,
-                )
-                ungraded = stage
-                if cfg.stages.grader_loss:
-                    grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
-                ungraded = None
+                stage = _timed_stage(
+                    device,
+                    lambda: run_single(
+                        generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s,
+                        postprocess, constraint_for,
+                    ),
+                )  # fmt: skip
                 _stage_done(result, stage, output_dir, log)
+                _after_stage(stage, generator, cfg, overhead_s, prompts, reference, result, output_dir, log)
             if cfg.stages.batched:
                 if cfg.stages.single and cfg.stages.fresh_model_per_stage:
                     generator = None  # free the previous model first, as a new course case would
+                    reference = _Reference(cfg, log)
                     generator, overhead_s = _fresh_backend(cfg, prompts, log)
-                stage = run_batched(
-                    generator,
-                    items,
-                    prompts,
-                    cfg.dataset.tolerance,
-                    cfg.stages.batched_budget_s,
-                    cfg.stages.micro_batch_size,
-                    overhead_s,
-                    postprocess=postprocess,
-                    sort_by_length=cfg.stages.sort_by_length,
-                    constraint_for=constraint_for,
-                )
-                ungraded = stage
-                if cfg.stages.grader_loss:
-                    grade_stage(stage, generator, overhead_s, cfg.generation.max_new_tokens, cfg.prompt.style)
-                ungraded = None
+                stage = _timed_stage(
+                    device,
+                    lambda: run_batched(
+                        generator, items, prompts, cfg.dataset.tolerance, cfg.stages.batched_budget_s,
+                        cfg.stages.micro_batch_size, overhead_s, postprocess=postprocess,
+                        sort_by_length=cfg.stages.sort_by_length, constraint_for=constraint_for,
+                    ),
+                )  # fmt: skip
                 _stage_done(result, stage, output_dir, log)
+                _after_stage(stage, generator, cfg, overhead_s, prompts, reference, result, output_dir, log)
+            reference = None  # the reference model's memory, before the null model's
+            if cfg.stages.null_model and result.stages:
+                _null_model(cfg, items, result, output_dir, log)
         except StageInterrupted as interrupted:
             result.stages.append(interrupted.partial)
             result.status = "killed"
@@ -194,15 +264,42 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             log(f"interrupted: {interrupted}; partial results saved in {output_dir}")
             raise
         except KeyboardInterrupt:
-            # between stages (a loss pass, saving): every stage is whole, one in its loss pass without the loss
-            if ungraded is not None:
-                result.stages.append(ungraded)
+            # after a stage (its loss pass, fidelity, the null model): every stage is saved as it was at that moment
             result.status = "killed"
             save_results(result, output_dir)
             log(f"interrupted between stages; the finished stages are saved in {output_dir}")
             raise
-        if device.type == "cuda":
-            result.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+        gpu = [
+            stage.peak_gpu_memory_mb for stage in result.stages if stage.peak_gpu_memory_mb == stage.peak_gpu_memory_mb
+        ]
+        result.peak_gpu_memory_mb = max(gpu, default=float("nan"))
         result.status = "finished"
         save_results(result, output_dir)
     return result
+
+
+def _timed_stage(device: torch.device, run: Callable[[], StageResult]) -> StageResult:
+    """Run one stage with its own peak memory: the process's resident set (and torch's on a GPU)."""
+    memory.reset_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stage = run()
+    stage.peak_rss_mb = memory.peak_rss_mb()
+    if device.type == "cuda":
+        stage.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return stage
+
+
+def _null_model(cfg: Config, items, result: RunResult, output_dir: Path, log: Callable[[str], None]) -> None:
+    """The null model's accuracy beside each stage's (random weights, same config; cached)."""
+    from pipeline.models import model_cache_dir
+    from pipeline.null import null_score
+
+    gc.collect()
+    chosen = items[: cfg.stages.null_questions] if cfg.stages.null_questions else items
+    score = null_score(cfg, chosen, model_cache_dir(cfg.model), log)
+    log(score.line())
+    for stage in result.stages:
+        stage.accuracy_null = score.accuracy
+    result.null_questions, result.null_backend = score.questions, score.backend
+    save_results(result, output_dir)

@@ -53,6 +53,17 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def forced_by(constraint, token_ids: list[int]) -> bool:
+    """Whether `constraint` fully determined `token_ids`: no step along them allowed more than one token."""
+    if constraint is None:
+        return False
+    for step in range(len(token_ids)):
+        allowed = constraint.allowed(token_ids[:step])
+        if allowed is None or len(allowed) > 1:
+            return False
+    return True
+
+
 def _score(
     name: str,
     items: list[Item],
@@ -64,15 +75,22 @@ def _score(
     overhead_s: float,
     micro_batch_size: int,
     complete: bool,
+    constraints: dict[int, Any] | None = None,
 ) -> StageResult:
-    """The stage result over the questions that have a generation; the one way both stages end, interrupted or not."""
+    """The stage result over the questions that have a generation; the one way both stages end, interrupted or not.
+
+    `constraints` (question index -> its constraint, None where it decoded freely) gives each output's forced flag;
+    None when the stage ran unconstrained."""
     done = [i for i, g in enumerate(generations) if g is not None]
     kept = [generations[i] for i in done]
     processed = [postprocess(g.text, items[i].question) for i, g in zip(done, kept)]
     wall_time_s = time.perf_counter() - start  # post-processing is part of the stage, as in the course
+    forced = None  # measured after the clock stopped: the share is a report, not part of the stage's work
+    if constraints is not None:
+        forced = [forced_by(constraints.get(i), g.token_ids) for i, g in zip(done, kept)]
     return finish_stage(
         name, [items[i] for i in done], kept, processed, wall_time_s, tolerance, budget_s, overhead_s,
-        micro_batch_size, complete,
+        micro_batch_size, complete, forced,
     )  # fmt: skip
 
 
@@ -91,17 +109,20 @@ def run_single(
     With `constraint_for`, each call gets the constraint built from its question (constrained decoding).
     """
     generations: list[Generation | None] = [None] * len(prompts)
+    constraints: dict[int, Any] | None = None if constraint_for is None else {}
     start = time.perf_counter()
     try:
         for index, prompt in enumerate(tqdm(prompts, desc="single", unit="q", leave=False)):
-            if constraint_for is None:
+            if constraints is None:
                 generations[index] = generator.generate(prompt)
             else:
-                generations[index] = generator.generate(prompt, constraint=constraint_for(items[index].question))
+                constraints[index] = constraint_for(items[index].question)
+                generations[index] = generator.generate(prompt, constraint=constraints[index])
     except KeyboardInterrupt:
-        partial = _score("single", items, generations, postprocess, start, tolerance, budget_s, overhead_s, 1, False)
-        raise StageInterrupted(partial) from None
-    return _score("single", items, generations, postprocess, start, tolerance, budget_s, overhead_s, 1, True)
+        args = (tolerance, budget_s, overhead_s, 1, False, constraints)
+        raise StageInterrupted(_score("single", items, generations, postprocess, start, *args)) from None
+    args = (tolerance, budget_s, overhead_s, 1, True, constraints)
+    return _score("single", items, generations, postprocess, start, *args)
 
 
 def run_batched(
@@ -115,6 +136,7 @@ def run_batched(
     postprocess: Postprocess = keep_output,
     sort_by_length: bool = False,
     constraint_for: ConstraintFor | None = None,
+    progress: bool = True,
 ) -> StageResult:
     """`batched_generate` over micro-batches of the prompts; latency is per micro-batch.
 
@@ -130,7 +152,7 @@ def run_batched(
     generations: list[Generation | None] = [None] * len(prompts)
     constraints: dict[int, Any] = {}  # prompt index -> its constraint, built once
     size, oom_retries, begin = micro_batch_size, 0, 0
-    progress = tqdm(total=len(prompts), desc="batched", unit="q", leave=False)
+    bar = tqdm(total=len(prompts), desc="batched", unit="q", leave=False, disable=not progress)
     try:
         while begin < len(prompts):
             chunk = order[begin : begin + size]
@@ -154,14 +176,15 @@ def run_batched(
             for index, generation in zip(chunk, outputs):
                 generations[index] = generation
             begin += len(chunk)
-            progress.update(len(chunk))
+            bar.update(len(chunk))
     except KeyboardInterrupt:
-        args = (tolerance, budget_s, overhead_s, size, False)
+        args = (tolerance, budget_s, overhead_s, size, False, None if constraint_for is None else constraints)
         partial = _score("batched", items, generations, postprocess, start, *args)
         partial.oom_retries = oom_retries
         raise StageInterrupted(partial) from None
     finally:
-        progress.close()
-    result = _score("batched", items, generations, postprocess, start, tolerance, budget_s, overhead_s, size, True)
+        bar.close()
+    args = (tolerance, budget_s, overhead_s, size, True, None if constraint_for is None else constraints)
+    result = _score("batched", items, generations, postprocess, start, *args)
     result.oom_retries = oom_retries
     return result

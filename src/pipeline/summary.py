@@ -33,8 +33,13 @@ def format_summary(result: RunResult) -> str:
         "tokens/s",
         "p50_s",
         "p90_s",
-        "accuracy",
+        "accuracy [95% CI]",
+        "null",
+        "forced",
         "answered",
+        "KLD",
+        "top1",
+        "peak_MiB",
     ]
     rows = [
         [
@@ -47,8 +52,13 @@ def format_summary(result: RunResult) -> str:
             f"{s.tokens_per_s:.1f}",
             f"{s.latency_p50_s:.3f}",
             f"{s.latency_p90_s:.3f}",
-            f"{s.accuracy:.3f}",
+            _accuracy(s),
+            _num(s.accuracy_null, ".3f"),
+            _num(s.forced_share, ".2f"),
             f"{s.answer_rate:.3f}",
+            _num(s.kld_mean, ".2g"),
+            _num(s.top1_agreement, ".3f"),
+            _num(s.peak_rss_mb, ".0f"),
         ]
         for s in result.stages
     ]
@@ -63,7 +73,7 @@ def format_summary(result: RunResult) -> str:
         f"{result.num_questions} questions, {result.dtype}, attention={result.attention}, device={result.device} "
         f"({result.environment['device_name']})\n"
         f"model load {result.load_time_s:.2f} s, warm-up {result.warmup_time_s:.2f} s "
-        "(with_load counts both, as the original grader did)"
+        f"(with_load counts both, as the original grader did); peak memory {result.peak_rss_load_mb:.0f} MiB loading"
     )
     table = head + "\n" + format_table(headers, rows)
     if graded:
@@ -73,11 +83,36 @@ def format_summary(result: RunResult) -> str:
             f"{graded[0].grader_loss_model}"
         )
         table += "".join(f"\n{s.name} diagnosis: {s.grader_diagnosis}" for s in graded if s.grader_diagnosis)
+    notes = []
+    if any(s.accuracy_null == s.accuracy_null for s in result.stages):
+        notes.append(
+            f"null: the accuracy of random weights with the same config ({result.null_questions} questions, "
+            f"backend={result.null_backend})"
+        )
+    if any(s.forced_share == s.forced_share for s in result.stages):
+        notes.append("forced: share of outputs the constraint fully determined (one allowed token at every step)")
+    fidelity = [s for s in result.stages if s.fidelity_tokens]
+    if fidelity:
+        notes.append(
+            "KLD, top1: mean KL divergence and top-1 agreement per generated token against "
+            f"{fidelity[0].fidelity_reference} ({', '.join(f'{s.name} {s.fidelity_tokens} tokens' for s in fidelity)})"
+        )
+    table += "".join(f"\n{note}" for note in notes)
     for s in result.stages:  # why answers fail, at a glance (the rows are in failures.csv)
         if s.failures:
             counts = ", ".join(f"{kind} {n}" for kind, n in sorted(s.failures.items(), key=lambda kv: -kv[1]))
             table += f"\n{s.name} failures: {counts}"
     return table
+
+
+def _num(value: float, spec: str) -> str:
+    return "-" if value != value else format(value, spec)
+
+
+def _accuracy(s: StageResult) -> str:
+    if s.accuracy_low != s.accuracy_low:
+        return f"{s.accuracy:.3f}"
+    return f"{s.accuracy:.3f} [{s.accuracy_low:.2f}-{s.accuracy_high:.2f}]"
 
 
 def _grader_cells(s: StageResult) -> list[str]:

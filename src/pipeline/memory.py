@@ -1,0 +1,46 @@
+"""Peak resident memory of this process, per phase (load, each stage): what a CPU run costs in memory.
+
+Linux keeps the peak (VmHWM in /proc/self/status) and lets a process reset it (writing 5 to
+/proc/self/clear_refs, since Linux 4.0), so each phase gets its own peak. Elsewhere the peak since the
+process started (getrusage) is all there is, and phases after the first report at least the earlier peak.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak() -> bool:
+    """Start a new peak at the current resident size; False where the OS cannot (the peak then keeps growing)."""
+    try:
+        _CLEAR.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory (MiB) since the last `reset_peak`, or since the process started."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mb() -> float:
+    """The resident memory (MiB) now."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return peak_rss_mb()
