@@ -298,7 +298,7 @@ def pareto_figure(rows: list[Row], title: str):
         handles.append(Line2D([], [], color="gray", lw=1, label="Pareto front (no run is faster and better)"))
     if shown_null:
         handles.append(Line2D([], [], color="gray", ls="--", lw=1, label="null model (random weights), mean"))
-    columns = 2 if len(handles) > 3 else len(handles) or 1
+    columns = min(len(handles), 3) or 1
     legend_rows = math.ceil(len(handles) / columns)
     fig.suptitle(title, fontsize=11)
     bottom = min(0.03 + 0.028 * legend_rows, 0.5)  # room for the legend below the panels

@@ -236,8 +236,9 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-# MLflow's experiment kind: what its UI's type selector wrote for "Machine learning" experiments, and what UIs
-# before the "GenAI / Model training" switch (MLflow 3.9) read to open the runs table instead of the GenAI overview
+# MLflow's experiment kind: what its UI's type selector wrote for "Machine learning" experiments, and what 3.x UIs
+# before the sidebar's "GenAI / Model training" switch read to open the runs table instead of the GenAI overview
+# (3.17 decides by the switch alone: the runs table needs "Model training", or `ui_link`)
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 # a saved view of the runs table (the UI's "Views" menu, an experiment tag in the UI's own format)
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
@@ -288,12 +289,14 @@ def runs_view() -> str:
     view" writes (selected columns, their order and widths, the search facets); the UI fills in the rest.
     """
     metrics = [f"metrics.`{key}`" for key, _ in HEADLINE_METRICS]
+    # wide enough for the whole header: the UI's default 100 px cut "2_accuracy/batched_null" to "2_accur..."
+    widths = {"attributes.`Run Name`": 320, **{f"metrics.`{key}`": 40 + 7 * len(key) for key, _ in HEADLINE_METRICS}}
     state = {
         "searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
         "selectedColumns": [*metrics, "attributes.`Dataset`"],
-        "columnOrder": ["attributes.`Run Name`", *metrics, "runDateAndNestInfo", "duration", "attributes.`Dataset`"],
-        "columnWidths": {"attributes.`Run Name`": 320, **{column: 150 for column in metrics}},
+        "columnOrder": ["attributes.`Run Name`", "runDateAndNestInfo", *metrics, "duration", "attributes.`Dataset`"],
+        "columnWidths": widths,
     }  # fmt: skip
     created_ms = 1_700_000_000_000  # fixed: the same view text whichever run wrote it
     record = {"name": RUNS_VIEW_NAME, "createdAt": created_ms, "updatedAt": created_ms, "state": json.dumps(state)}
