@@ -123,7 +123,7 @@ def test_a_run_gets_system_metrics_the_kind_tag_and_the_saved_view(tmp_path, mon
 
     from mlflow import MlflowClient
 
-    from pipeline.tracking import KIND, KIND_TAG, RUNS_VIEW_ID, VIEW_TAG_PREFIX, ui_link
+    from pipeline.tracking import KIND, KIND_TAG, RUNS_VIEW_ID, VIEW_TAG_PREFIX, folder_browse_hint, ui_link
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri, run_id, finish = _log(tmp_path, _result())
@@ -153,6 +153,7 @@ def test_a_run_gets_system_metrics_the_kind_tag_and_the_saved_view(tmp_path, mon
     assert link.endswith(f"/#/experiments/{run.info.experiment_id}/runs?viewStateShareKey={RUNS_VIEW_ID}"
                          "&workflowType=machine_learning") and link.startswith("http://127.0.0.1:5000/")  # fmt: skip
     assert ui_link("http://mlflow.example:5000/", "7").startswith("http://mlflow.example:5000/#/experiments/7/")
+    assert folder_browse_hint(tmp_path / "run") == f"mlflow ui --backend-store-uri {uri}, then open {link}"
 
 
 def test_a_run_shorter_than_one_sampling_interval_still_gets_a_point(tmp_path, monkeypatch):

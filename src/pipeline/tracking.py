@@ -441,16 +441,29 @@ def start_run(
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     _log_params(client, run.info.run_id, config)
-    _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id)
+    _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id, experiment_id)
     if system_metrics_wanted(config):
         start_system_metrics(uri, run.info.run_id, (config.get("tracking") or {}).get("system_metrics_interval_s"))
     return run.info.run_id
 
 
-def _write_tracking_file(output_dir: Path, uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
+def _write_tracking_file(
+    output_dir: Path, uri: str, experiment: str, run_name: str, run_id: str | None, experiment_id: str | None = None
+) -> None:
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     record = {"uri": uri, "experiment": experiment, "run_name": run_name, "run_id": run_id}
+    if experiment_id is not None:
+        record["experiment_id"] = experiment_id
     (Path(output_dir) / TRACKING_FILE).write_text(json.dumps(record, indent=2))
+
+
+def folder_browse_hint(output_dir: Path) -> str | None:
+    """`browse_hint` for the run logged from `output_dir` (from its tracking.json), None when it was not logged."""
+    file = Path(output_dir) / TRACKING_FILE
+    noted = json.loads(file.read_text()) if file.is_file() else {}
+    if not noted.get("run_id") or not noted.get("experiment_id"):
+        return None
+    return browse_hint(noted["uri"], noted["experiment_id"])
 
 
 def dataset_record(config: dict) -> dict | None:
