@@ -283,3 +283,30 @@ def test_fp16_on_cpu_warns_with_the_faster_alternative(tmp_path):
     assert "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here" in (
         result.stdout + result.stderr
     )
+
+
+def test_sigkill_in_a_stages_loss_pass_keeps_that_stages_answers(tmp_path):
+    """A stage is written to the run folder as soon as its questions are done: a run killed outright (no handler
+    runs on SIGKILL) in the loss pass that follows still leaves every answer of that stage."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "run.py"), *TINY, "dataset.num_questions=400", "stages.batched=false",
+        "stages.grader_questions=null", "stages.fidelity=false", "stages.null_model=false", "runtime.warmup=false",
+        f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "run.log"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        # logged right after the stage is saved, before its loss pass of 13 batches on each padding side
+        if log.is_file() and "single stage:" in log.read_text():
+            process.kill()
+            break
+        time.sleep(0.02)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    saved = json.loads((run_dir / "results.json").read_text())
+    single = saved["stages"]["single"]
+    assert single["complete"] and single["num_questions"] == 400 and saved["status"] == "running"
+    assert math.isnan(single["grader_loss"]), "killed after the loss pass: the test must kill during it"
+    assert (run_dir / "predictions.csv").read_text().count("\nsingle,") == 400

@@ -78,6 +78,7 @@ def null_key(cfg: Config, items: list[Item]) -> str:
     for volatile in ("tracking", "debug"):
         record.pop(volatile, None)
     record["stages"] = {k: v for k, v in record["stages"].items() if not k.endswith("_budget_s")}
+    record["model"].pop("cache_dir", None)  # where files are cached changes no answer
     text = json.dumps([record, [(i.question, i.answer) for i in items], _source_digest()], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

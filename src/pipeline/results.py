@@ -193,17 +193,15 @@ def save_results(result: RunResult, output_dir: Path) -> None:
     tmp = output_dir / f".{RESULTS_FILE}.tmp"
     tmp.write_text(json.dumps(result.summary(), indent=2, default=str))
     tmp.replace(output_dir / RESULTS_FILE)
-    fields = [f.name for f in dataclasses.fields(Prediction)]
-    with open(output_dir / PREDICTIONS_FILE, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for stage in result.stages:
-            writer.writerows(dataclasses.asdict(p) for p in stage.predictions)
-    with open(output_dir / FAILURES_FILE, "w", newline="") as handle:  # same columns, only the failed rows
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for stage in result.stages:
-            writer.writerows(dataclasses.asdict(p) for p in stage.predictions if p.failure)
+    for name, keep in ((PREDICTIONS_FILE, lambda p: True), (FAILURES_FILE, lambda p: bool(p.failure))):
+        # written beside and renamed, as results.json: a run killed while saving leaves the previous whole file
+        tmp = output_dir / f".{name}.tmp"
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Prediction)])
+            writer.writeheader()
+            for stage in result.stages:
+                writer.writerows(dataclasses.asdict(p) for p in stage.predictions if keep(p))
+        tmp.replace(output_dir / name)
 
 
 def _accuracy_by(key: str, items: list[Item], correct: list[bool]) -> dict[str, float]:
