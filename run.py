@@ -108,7 +108,9 @@ def run(cfg: DictConfig) -> int:
         tracking_error = tracking_error or close_run()
         if tracking_error is None:
             print(f"logged to MLflow run {run_id} in experiment '{config.tracking.experiment}'")
-            print(f"browse runs: mlflow ui --backend-store-uri {uri}")
+            from pipeline.tracking import folder_browse_hint
+
+            print(f"browse runs: {folder_browse_hint(output_dir) or f'mlflow ui --backend-store-uri {uri}'}")
         else:
             print(
                 f"error: could not log to MLflow ({_first_line(tracking_error)}); "

@@ -249,6 +249,12 @@ class TrackingConfig:
     run_name: str | None = None
     # the run a sweep's comparison measures against, as key=value pairs (null: the sweep's first job)
     baseline: str | None = None
+    # MLflow's system metrics (CPU, memory, GPU) sampled during each run, every this many seconds
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_positive("tracking.system_metrics_interval_s", self.system_metrics_interval_s)
 
 
 @dataclass
