@@ -332,4 +332,4 @@ class LlamaCppBackend:
 
     def token_text(self, token: int) -> str:
         """llama.cpp's text of one token (used by the tests that compare vocabularies)."""
-        return self.model.token_to_piece(token, special=True).decode(errors="replace")
+        return self.model.detokenize([token], special=True).decode(errors="replace")
