@@ -126,7 +126,7 @@ def test_peer_logprobs_reproduce_its_greedy_tokens(name):
     [
         pytest.param(*case, id="-".join(case[:1] + case[1][:1]))
         for case in [
-            ("llamacpp", ()),  # the default lexicon grammar, as a logits mask
+            ("llamacpp", ("prompt.pin_source=false",)),  # the lexicon grammar, as a logits mask
             ("llamacpp", ("prompt.pin_source=true",)),
             ("openvino", ("prompt.pin_source=true",)),  # the question's forms, as GenAI's structured output
         ]
@@ -160,7 +160,7 @@ def test_peer_obeys_the_constraint(name, overrides):
 @pytest.mark.skipif(bool(_missing("openvino")), reason=_missing("openvino") or "-")
 def test_openvino_says_it_decodes_the_lexicon_grammar_freely():
     """The default lexicon grammar is not GenAI's to compile per question (minutes each): one warning, free forms."""
-    backend, cfg, items, prompts, warnings = load("openvino")
+    backend, cfg, items, prompts, warnings = load("openvino", "prompt.pin_source=false")
     assert any("prompt.constrained=True" in w and "decoded freely" in w for w in warnings), warnings
     assert not backend.apply_constraints
 
@@ -186,21 +186,40 @@ def test_a_missing_peer_package_names_its_install(name, monkeypatch):
     assert "\n" not in str(error.value)
 
 
+class _Trie:
+    """A constraint over token paths that, like the tool form's, keeps the node of its last call."""
+
+    def __init__(self, paths):
+        self.root: dict = {}
+        for path in paths:
+            node = self.root
+            for token in path:
+                node = node.setdefault(token, {})
+        self.last = (0, self.root)
+
+    def allowed(self, generated):
+        depth, node = self.last if self.last[0] <= len(generated) else (0, self.root)
+        for token in generated[depth:]:
+            node = node.get(token, {})
+        self.last = (len(generated), node)
+        return list(node)
+
+
 def test_openvino_grammar_is_exactly_the_constraints_texts():
-    """The question's forms become an EBNF alternation of those texts (newline included), escaped as JSON strings."""
+    """The question's forms become an EBNF alternation of those texts (newline included), escaped as JSON strings,
+    whatever the constraint's last call was; more texts than the limit give no grammar."""
     from pipeline.backends.openvino import constraint_grammar
     from pipeline.config import ModelConfig
-    from pipeline.constraint import FormConstraint
     from pipeline.models import embedded_gguf, gguf_tokenizer, model_cache_dir
 
     tokenizer = gguf_tokenizer(embedded_gguf(), model_cache_dir(ModelConfig()))
     forms = ['6 kg -> "grams"\n', "6 kg -> lb\n", "6 kilograms -> lb\n"]
-    constraint = FormConstraint(tokenizer(forms, add_special_tokens=False)["input_ids"])
+    constraint = _Trie(tokenizer(forms, add_special_tokens=False)["input_ids"])
     constraint.allowed(tokenizer("6 kg", add_special_tokens=False)["input_ids"])  # a used constraint starts over
     grammar = constraint_grammar(constraint, tokenizer)
     assert grammar == 'root ::= "6 kg -> \\"grams\\"\\n" | "6 kg -> lb\\n" | "6 kilograms -> lb\\n"'
-    assert constraint.allowed([]) == constraint.allowed([])  # left at its start
-    assert constraint_grammar(constraint, tokenizer, limit=2) is None  # more texts than asked for
+    assert constraint.last[0] == 0  # left at its start for the decoding that follows
+    assert constraint_grammar(constraint, tokenizer, limit=2) is None
 
 
 @pytest.mark.parametrize("name", ["openvino", "ctranslate2"])
