@@ -1,12 +1,16 @@
-"""Constrained tool decoding through the stages, its config switch, and the failure table it reports."""
+"""Constrained tool decoding: the lexicon grammar (the default) and its token paths, the question-limited
+option, both through the stages, the config switch, and the failure table they report."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from pipeline.config import Config, GenerationConfig, PromptConfig
@@ -18,7 +22,17 @@ from pipeline.results import FAILURES_FILE, Generation, RunResult, finish_stage,
 from pipeline.runner import make_constraint_for, make_postprocess
 from pipeline.stages import run_batched, run_single
 from pipeline.summary import format_summary
-from pipeline.tool import candidate_forms
+from pipeline.tool import (
+    STOP_TEXT,
+    candidate_forms,
+    form_constraint,
+    lexicon_atoms,
+    parse_form,
+    quantity_texts,
+    read,
+    resolve_unit,
+    solve,
+)
 
 ITEMS = [
     Item("How many grams are in 7 kg?", 7000.0, {"family": "mass", "template": "how_many"}),
@@ -29,7 +43,9 @@ ITEMS = [
 
 def test_constrained_is_on_for_the_tool_prompt_and_a_setting(compose_cfg):
     default = OmegaConf.to_object(compose_cfg([])).prompt
-    assert default.constrained and default.pin_source
+    assert default.constrained and not default.pin_source  # the lexicon grammar
+    pinned = OmegaConf.to_object(compose_cfg(["prompt.pin_source=true"])).prompt  # the question-limited option
+    assert pinned.constrained and pinned.pin_source and pinned.examples == default.examples
     assert not OmegaConf.to_object(compose_cfg(["prompt.constrained=false"])).prompt.constrained
     assert not OmegaConf.to_object(compose_cfg(["prompt=cot"])).prompt.constrained
     with pytest.raises(PipelineError, match="prompt.constrained=true applies to prompt=tool"):
@@ -40,21 +56,37 @@ def test_constrained_is_on_for_the_tool_prompt_and_a_setting(compose_cfg):
 
 
 @pytest.mark.parametrize("stage", ["single", "batched"])
-def test_both_stages_decode_only_the_questions_forms(tiny_fp32, compose_cfg, stage):
-    """The tiny random model, constrained: every output is one of its question's forms, so all are answered."""
+def test_both_stages_decode_the_lexicon_grammar_and_answer_only_what_checks(tiny_fp32, compose_cfg, stage):
+    """The tiny random model under the default grammar: every output is a form on one of the question's
+    quantities, with units of the lexicon it chose; an answer only where they are the question's own."""
     cfg: Config = OmegaConf.to_object(compose_cfg(["model=tiny"]))
-    tokenizer = tiny_fp32.tokenizer
-    generator = Generator(tiny_fp32.model, tokenizer, GenerationConfig(max_new_tokens=24, stop_string="\n"))
+    result = _run(tiny_fp32, cfg, stage)
+    for item, prediction in zip(ITEMS, result.predictions):
+        form = parse_form(prediction.output)
+        assert form is not None and form.quantity in {q.value for q in read(item.question).quantities}
+        assert resolve_unit(form.source) is not None and resolve_unit(form.target) is not None
+        assert prediction.correct or math.isnan(prediction.parsed) or prediction.failure == "wrong_conversion"
+
+
+@pytest.mark.parametrize("stage", ["single", "batched"])
+def test_both_stages_decode_only_the_questions_forms_when_pinned(tiny_fp32, compose_cfg, stage):
+    """prompt.pin_source=true: every output is one of its question's forms, so all are answered (and right)."""
+    cfg: Config = OmegaConf.to_object(compose_cfg(["model=tiny", "prompt.pin_source=true"]))
+    result = _run(tiny_fp32, cfg, stage)
+    assert result.answer_rate == 1.0
+    for item, prediction in zip(ITEMS, result.predictions):
+        assert prediction.output.split("\n")[0] in candidate_forms(item.question)
+        assert prediction.correct and prediction.failure == ""
+
+
+def _run(model, cfg: Config, stage: str):
+    tokenizer = model.tokenizer
+    generator = Generator(model.model, tokenizer, GenerationConfig(max_new_tokens=24, stop_string="\n"))
     prompts = [build_prompt(item.question, cfg.prompt, tokenizer) for item in ITEMS]
     args = (generator, ITEMS, prompts, 0.05, 100.0)
     kwargs = dict(postprocess=make_postprocess(cfg.prompt), constraint_for=make_constraint_for(cfg.prompt, tokenizer))
     with torch.inference_mode():
-        result = run_single(*args, **kwargs) if stage == "single" else run_batched(*args, 2, **kwargs)
-    assert result.answer_rate == 1.0
-    for item, prediction in zip(ITEMS, result.predictions):
-        assert prediction.output.split("\n")[0] in candidate_forms(item.question)
-        assert prediction.failure in ("", "wrong_conversion")  # the right number and units, maybe swapped
-        assert (prediction.failure == "") == prediction.correct
+        return run_single(*args, **kwargs) if stage == "single" else run_batched(*args, 2, **kwargs)
 
 
 def test_failures_are_classed_counted_and_saved_beside_the_predictions(tmp_path):
@@ -117,13 +149,115 @@ def test_the_failure_table_is_logged_to_mlflow_once(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_real_model_answers_the_independent_set_constrained(tmp_path):
-    """End to end on the embedded model and the default backend: every answer given, most of them right."""
+    """End to end on the embedded model and the default backend: most answers right, and the wrong ones
+    few (the grammar lets the model choose the units; a unit the question does not mention gives none)."""
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
     overrides = ["dataset=unit_conversion_holdout", "dataset.num_questions=32", "stages.single=false"]
-    cfg = load_config([*overrides, "stages.grader_loss=false", "tracking.enabled=false"])
+    cfg = load_config([*overrides, "stages.grader_loss=false", "tracking.enabled=false", "stages.null_model=false"])
     (stage,) = run_pipeline(cfg, tmp_path, log=lambda line: None).stages
-    assert stage.answer_rate == 1.0 and stage.accuracy >= 0.85, stage.failures
-    assert set(stage.failures) <= {"wrong_conversion"}  # the question's number and units, at worst swapped
+    assert stage.accuracy >= 0.8, stage.failures
+    wrong = [p for p in stage.predictions if not p.correct and not math.isnan(p.parsed)]
+    assert len(wrong) <= 1, [(p.question, p.output) for p in wrong]  # at most a units-first role swap
     assert (tmp_path / FAILURES_FILE).is_file() and stage.accuracy_by_template
+
+
+# ------------------------------------------------------------------ the lexicon grammar, token by token
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_fp32):
+    return tiny_fp32.tokenizer  # the real SmolLM2 tokenizer
+
+
+def _random_walk(constraint, rng, limit: int = 64) -> list[int]:
+    generated: list[int] = []
+    while allowed := constraint.allowed(generated):
+        assert len(set(allowed)) == len(allowed)
+        generated.append(rng.choice(allowed))
+        assert len(generated) <= limit
+    return generated
+
+
+QUESTIONS = [
+    "How many grams are in 7 kg?", "Exercise 12: convert 3.5 sq. ft. to square metres.", "How many kph per 84 m/s?",
+    "What is 37 degrees Celsius in Fahrenheit?", "How many centimetres is 5 ft 8 in?", "Convert 5/8 inch to mm.",
+    "Convert from acre to square yards for 87 units.", "HOW MANY GRAMS ARE IN 5 KG?", "Restate 57.85 yrs using days.",
+]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(QUESTIONS), st.randoms(use_true_random=False))
+def test_lexicon_paths_are_the_canonical_tokenization_of_their_text(tokenizer, question, rng):
+    """The claim the grammar is built on: pieces split where the pre-tokenizer splits, so the tokens of any
+    path through the grammar are exactly what the tokenizer makes of the path's text."""
+    generated = _random_walk(form_constraint(question, tokenizer), rng)
+    text = tokenizer.decode(generated)
+    if generated[-1] == tokenizer.eos_token_id:
+        generated, text = generated[:-1], tokenizer.decode(generated[:-1])
+    else:
+        assert text.endswith(STOP_TEXT)
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == generated, text
+    form = parse_form(text)  # and every path is a form the solver reads, with units the lexicon resolves
+    assert form is not None and resolve_unit(form.source) is not None and resolve_unit(form.target) is not None
+
+
+def test_the_lexicon_offers_every_unit_not_the_questions(tokenizer):
+    """After the number, the model may write any of hundreds of units: nothing is forced but the number."""
+    question = "How many grams are in 7 kg?"
+    constraint = form_constraint(question, tokenizer)
+    seven = tokenizer("7", add_special_tokens=False)["input_ids"]
+    assert constraint.allowed([]) == seven[:1]
+    assert len(constraint.allowed(seven)) > 300
+    written = tokenizer("7 furlongs -> fortnights", add_special_tokens=False)["input_ids"]
+    assert set(constraint.allowed(written)) == {*tokenizer(STOP_TEXT)["input_ids"], tokenizer.eos_token_id}
+    assert len(lexicon_atoms()) > 1500 and all(resolve_unit(atom) is not None for atom in lexicon_atoms())
+    _, _, failure = solve("7 furlongs -> fortnights", question)
+    assert failure == "unknown_unit"  # a path the grammar allows, and no answer: not the question's units
+
+
+NOTATIONS = [  # (how a value may be written, the value): the reader must take the whole of it
+    (lambda v: f"{v:,}", lambda v: v), (lambda v: f"{v:,}".replace(",", " "), lambda v: v),
+    (lambda v: f"{v / 1000:g}e3", lambda v: v), (lambda v: f"{v / 100:g} × 10^2", lambda v: v),
+    (lambda v: f"{v}.25", lambda v: v + 0.25), (lambda v: f"{v},5", lambda v: v + 0.5),
+    (lambda v: f"{v} 1/4", lambda v: v + 0.25), (lambda v: f"{v}½", lambda v: v + 0.5), (lambda v: f".{v}", None),
+    (lambda v: f"−{v}", lambda v: -v), (lambda v: f"{v} 3/4", lambda v: v + 0.75),
+]  # fmt: skip
+UNIT_WORDS = ["kg", "pounds", "ft", "metres", "°C", "hours", "MB", "cups", "mi", "cm", "gallons"]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.integers(1, 999_999), st.sampled_from(range(len(NOTATIONS))), st.sampled_from(UNIT_WORDS),
+    st.sampled_from(UNIT_WORDS), st.sampled_from(["How many {t} are in {q}?", "Convert {q} to {t}.",
+                                                  "In 1997 a reading of {q} was logged. What is it in {t}?"]),
+    st.randoms(use_true_random=False),
+)  # fmt: skip
+def test_the_grammar_never_allows_a_number_that_is_not_a_complete_quantity(
+    tokenizer, value, notation, unit, target, template, rng
+):
+    """Whatever path the model takes, its number is the question's whole quantity: never 2 of 2.5kg, 000 of
+    45 000 or 1 of 1 1/4 (the reading before issue 18), nor the year of "In 1997"."""
+    write, read_value = NOTATIONS[notation]
+    expected = float(f"0.{value}") if read_value is None else float(read_value(value))
+    question = template.format(q=f"{write(value)} {unit}", t=target)
+    constraint = form_constraint(question, tokenizer)
+    assert constraint is not None, question
+    form = parse_form(tokenizer.decode(_random_walk(constraint, rng)))
+    assert form is not None and math.isclose(form.quantity, expected, rel_tol=1e-9), (question, form)
+    assert all(math.isclose(v, expected, rel_tol=1e-9) for v in map(_value, quantity_texts(question))), question
+
+
+def _value(text: str) -> float:
+    form = parse_form(f"{text} kg -> g")
+    return form.quantity if form else math.nan
+
+
+def test_an_ambiguous_quantity_pins_no_number_and_answers_nan(tokenizer):
+    for question in ["How many grams are in 2-3 kg?", "How many metres is 5 or 6 feet?", "Convert a few pounds to kg.",
+                     "How many litres are in 1,2,5 gallons?", "How many inches are in 3 to 4 feet?"]:  # fmt: skip
+        assert read(question).ambiguous and form_constraint(question, tokenizer) is None, question
+        for output in ["2 kg -> grams", "3 kg -> grams", "2.5 kg -> grams", "5 feet -> metres", "1 pounds -> kg"]:
+            text, _, failure = solve(output, question)
+            assert "<answer>" not in text and failure == "ambiguous_quantity", (question, output)
