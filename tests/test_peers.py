@@ -162,7 +162,7 @@ def test_openvino_says_it_decodes_the_lexicon_grammar_freely():
     """The default lexicon grammar is not GenAI's to compile per question (minutes each): one warning, free forms."""
     backend, cfg, items, prompts, warnings = load("openvino", "prompt.pin_source=false")
     assert any("prompt.constrained=True" in w and "decoded freely" in w for w in warnings), warnings
-    assert not backend.apply_constraints
+    assert not backend.applies_constraints
 
 
 @pytest.mark.slow
@@ -170,6 +170,7 @@ def test_openvino_says_it_decodes_the_lexicon_grammar_freely():
 def test_ctranslate2_says_it_decodes_freely():
     backend, cfg, items, prompts, warnings = load("ctranslate2")
     assert any("prompt.constrained=True" in w and "no logits processor" in w for w in warnings), warnings
+    assert not backend.applies_constraints
 
 
 @pytest.mark.parametrize("name", ["openvino", "ctranslate2", "llamacpp"])

@@ -28,7 +28,7 @@ from pipeline.results import Generation
 INSTALL_HINT = 'pip install -e ".[peers]" (or pip install ctranslate2==4.8.5)'
 COMPUTE_TYPE = "int8"  # CTranslate2's recommended CPU type: int8 weights, int8 GEMM (oneDNN / MKL)
 # forward_batch returns [rows, length, vocab] float32: sequences per call in next_token_logprobs(batched=True)
-LOGPROB_ROWS = 8
+LOGPROB_ROWS = 4
 
 IGNORED = [
     ("precision.name", "auto", f"it computes with its own {COMPUTE_TYPE} weights"),
@@ -155,6 +155,7 @@ class CTranslate2Backend:
         self.use_prefix = gen.prefix_cache
         self.prefix_ids: list[int] = []
         self.warnings = ignored_settings(cfg, IGNORED, "ctranslate2")
+        self.applies_constraints = False  # for the runner: its stages decode freely whatever the prompt asks
         self._loss_model = None
         self._info = BackendInfo(
             name="ctranslate2",

@@ -70,6 +70,7 @@ class _Row:
     forced: list[int] | None = None  # teacher forcing: the continuation to feed instead of choosing
     seq_id: int = -1
     pos: int = 0  # position of the first pending token
+    cells: int = 0  # KV cells this row may come to hold beyond the shared prefix
     generated: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     done: bool = False
@@ -122,6 +123,7 @@ class LlamaCppBackend:
         self.use_prefix = gen.prefix_cache
         self.prefix_ids: list[int] = []
         self.warnings = ignored_settings(cfg, IGNORED, "llamacpp")
+        self.applies_constraints = True  # a logits mask at every step
         self._loss_model = None
         self._info = BackendInfo(
             name="llamacpp",
@@ -212,9 +214,14 @@ class LlamaCppBackend:
         row.seq_id = seq_id
         self.lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
         prefix = self.prefix_ids
-        if prefix and len(row.pending) > len(prefix) and row.pending[: len(prefix)] == prefix:
+        if self._shares_prefix(row):
             self.lib.llama_memory_seq_cp(self.memory, PREFIX_SEQ, seq_id, -1, -1)
             row.pending, row.pos = row.pending[len(prefix) :], len(prefix)
+        row.cells = len(row.pending) + row.budget
+
+    def _shares_prefix(self, row: _Row) -> bool:
+        prefix = self.prefix_ids
+        return bool(prefix) and len(row.pending) > len(prefix) and row.pending[: len(prefix)] == prefix
 
     def _choose(self, row: _Row, logits) -> int | None:
         """The row's next token: the teacher-forced one, else the argmax among its allowed ids; None ends it."""
@@ -280,9 +287,8 @@ class LlamaCppBackend:
 
     def _fits(self, running: list[_Row], row: _Row) -> bool:
         """Whether `row` can join without the shared KV cache (or one decode call) running out of room."""
-        prefix = len(self.prefix_ids)
-        own = len(row.pending) - (prefix if row.pending[:prefix] == self.prefix_ids else 0)
-        cells = prefix + sum(r.pos - prefix + r.budget + 1 for r in running) + own + row.budget + 1
+        own = len(row.pending) - (len(self.prefix_ids) if self._shares_prefix(row) else 0)
+        cells = len(self.prefix_ids) + sum(r.cells for r in running) + own + row.budget
         tokens = sum(len(r.pending) for r in running) + own
         return cells <= CONTEXT_TOKENS and tokens <= BATCH_TOKENS
 

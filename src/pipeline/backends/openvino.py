@@ -282,21 +282,20 @@ class OpenVINOBackend:
                 "advise)"
             )
         # the lexicon grammar is far too large for a per-request grammar (see the module's docstring)
-        self.apply_constraints = not (
-            cfg.prompt.style == "tool" and cfg.prompt.constrained and not cfg.prompt.pin_source
-        )
-        if not self.apply_constraints:
+        lexicon = cfg.prompt.style == "tool" and cfg.prompt.constrained and not cfg.prompt.pin_source
+        self.applies_constraints = not lexicon  # for the runner too: whether its stages decode constrained
+        if not self.applies_constraints:
             self.warnings.append(
                 "backend=openvino ignores prompt.constrained=True with the lexicon grammar (GenAI compiles each "
                 "question's grammar for minutes): the tool form is decoded freely, then grounded and checked; "
                 "prompt.pin_source=true constrains it to the question's own forms"
             )
         self._request = None  # the IR compiled for next_token_logprobs, on first use
-        self.free_constraints = 0  # constraints it could not express, decoded freely
+        self.free_constraints, self._log = 0, log  # constraints it could not express, decoded freely
         self._loss_model = None
         self._info = BackendInfo(
             name="openvino",
-            dtype=str(self.ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            dtype=self.ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name(),
             weight_format="int8",
             weight_bytes=(target / "openvino_model.bin").stat().st_size,
             device="cpu",
@@ -340,9 +339,11 @@ class OpenVINOBackend:
         config.do_sample = False
         config.stop_token_ids = set(self.end_ids)
         config.eos_token_id = self.eos
-        if constraint is not None and self.apply_constraints:
+        if constraint is not None and self.applies_constraints:
             grammar = constraint_grammar(constraint, self.tokenizer)
             if grammar is None:
+                if not self.free_constraints:
+                    self._log(f"warning: backend=openvino decodes a constraint of more than {MAX_PATHS} texts freely")
                 self.free_constraints += 1
             else:
                 config.structured_output_config = self.genai.StructuredOutputConfig(grammar=grammar)
