@@ -51,6 +51,16 @@ IGNORED = [
 ]
 
 
+MODULES = ("openvino", "openvino_genai", "openvino_tokenizers", "nncf")
+
+
+def available() -> bool:
+    """True when OpenVINO GenAI and what the export needs are installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(module) is not None for module in MODULES)
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 
@@ -239,7 +249,7 @@ class OpenVINOBackend:
     """`generate` and `batched_generate` on OpenVINO GenAI's ContinuousBatchingPipeline, greedy, prefix-cached."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        for module in ("openvino", "openvino_genai", "openvino_tokenizers", "nncf"):
+        for module in MODULES:
             require("openvino", module, INSTALL_HINT)
         gen = cfg.generation
         if gen.do_sample or gen.num_beams != 1:
