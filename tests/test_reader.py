@@ -136,3 +136,34 @@ def test_in_after_a_number_is_inches_and_elsewhere_a_word():
     assert [m.spelling for m in read("What is 8 in in millimetres?").mentions] == ["in", "millimetres"]
     assert [m.spelling for m in read("How many grams are in 7 kg?").mentions] == ["grams", "kg"]
     assert [m.spelling for m in read("Put 12 in the box and convert 3 kg to g.").mentions] == ["kg", "g"]
+
+
+@pytest.mark.slow
+def test_the_real_model_on_the_phrasing_set_is_never_confidently_wrong():
+    """Issue 18's bar, on the embedded model with the default config (the lexicon grammar): no wrong answer,
+    and 90% or more right (an ambiguous question is right when it gets no answer)."""
+    import torch
+
+    from pipeline.backends import load_backend
+    from pipeline.config import load_config
+    from pipeline.data import Item
+    from pipeline.prompts import build_prompt
+    from pipeline.runner import make_constraint_for, make_postprocess
+    from pipeline.stages import run_batched
+
+    cfg = load_config(["stages.null_model=false", "stages.fidelity=false", "stages.grader_loss=false"])
+    generator, _ = load_backend(cfg, lambda line: None)
+    items = [Item(i["question"], expected_answer(i) if i["quantity"] else math.nan, {}) for i in ITEMS]
+    prompts = [build_prompt(item.question, cfg.prompt, generator.tokenizer) for item in items]
+    generator.set_shared_prefix(prompts)
+    postprocess, constraint_for = make_postprocess(cfg.prompt), make_constraint_for(cfg.prompt, generator.tokenizer)
+    with torch.inference_mode():
+        stage = run_batched(generator, items, prompts, 0.05, 1e9, 32, postprocess=postprocess,
+                            constraint_for=constraint_for, progress=False)  # fmt: skip
+    answered = [(p, item) for p, item in zip(stage.predictions, items) if not math.isnan(p.parsed)]
+    wrong = [(item.question, p.output) for p, item in answered if not p.correct]
+    right = sum(p.correct for p, _ in answered) + sum(
+        math.isnan(item.answer) and math.isnan(p.parsed) for p, item in zip(stage.predictions, items)
+    )
+    assert not wrong, wrong
+    assert right >= 0.9 * len(items), [(p.question, p.output) for p in stage.predictions if not p.correct]

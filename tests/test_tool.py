@@ -317,7 +317,8 @@ def test_a_question_without_resolvable_units_gives_nan_without_an_error():
         ("7 grams -> kg", "How many grams are in 7 kg?", "source_not_quantity_unit", False),  # 7 is in kg
         ("7 kg -> kg", "How many grams are in 7 kg?", "target_not_asked", False),
         ("7 kg -> m", "How many m are in 7 kg?", "wrong_conversion", False),  # both the question's, dimensions differ
-        ("6 kg -> lb", "Convert from lb to kg for 6 units.", "wrong_conversion", True),  # roles only the model knows
+        ("6 kg -> lb", "Convert from lb to kg for 6 units.", "source_not_quantity_unit", False),  # from lb: lb first
+        ("6 kg -> lb", "Kilograms and pounds, 6 units: which?", "wrong_conversion", True),  # roles only the model knows
         ("2 kg -> g", "How many g are in 2-3 kg?", "ambiguous_quantity", False),
         ("7 kg -> grams", "How many grams are in 7 kg?", "wrong_conversion", True),  # right: the class if it were not
     ],
@@ -367,7 +368,7 @@ def test_the_question_limited_constraint_never_allows_text_outside_its_forms(tok
     assert text.endswith(STOP_TEXT) and text[: -len(STOP_TEXT)] in forms, (question, text)
     form = parse_form(text)
     assert form is not None and form.quantity in {q.value for q in read(question).quantities}
-    spellings = {m.spelling for m in find_mentions(question)}
+    spellings = {m.spelling for m in read(question).mentions}  # with "in" after a number: inches
     assert form.source in spellings and form.target in spellings
     # a token that leaves the trie ends the constrained sequence rather than raising
     assert constraint.allowed([*generated[:1], -1]) == []

@@ -108,10 +108,26 @@ def check(form: Form, question: str) -> str:
             if target_key in free:
                 return ""
         elif source_key in free and target_key in free and source_key != target_key:
-            return ""  # the question writes its units apart from the number: the model says which is which
+            first = _from_to(reading, question)  # "from acres to square yards for 87 units": acres is the source
+            if first is None or first == source_key:
+                return ""  # the question writes its units apart from the number: the model says which is which
+            return "source_not_quantity_unit"
     if any(q.unit is not None and unit_key(q.unit.spelling) == source_key for q in matching):
         return "target_not_asked"
     return "source_not_quantity_unit"
+
+
+_TO = re.compile(r"\s+(?:to|into|in|->)\s+", re.IGNORECASE)
+
+
+def _from_to(reading, question: str) -> str | None:
+    """The source's key where a question writes its two units as "X to Y" apart from the number, else None."""
+    if len(reading.free) != 2:
+        return None
+    first, second = reading.free
+    if _TO.fullmatch(question[first.end : second.start]):
+        return unit_key(first.spelling)
+    return None
 
 
 def solve(output: str, question: str = "") -> tuple[str, str, str]:
