@@ -115,9 +115,10 @@ def test_peer_logprobs_reproduce_its_greedy_tokens(name):
             agree += sum(a == b for a, b in zip(logprobs.argmax(-1).tolist(), ids))
             total += len(ids)
         # llama.cpp replays its own decode loop: exact. The others run all positions in one call (CTranslate2's
-        # forward_batch, OpenVINO's IR without GenAI's paged attention), whose kernels may break a near tie the
-        # other way: 62 of 64 tokens for CTranslate2 here
-        assert agree == total if name == "llamacpp" else agree >= 0.95 * total, (agree, total)
+        # forward_batch, OpenVINO's IR without GenAI's paged attention) while they decode one row per step with
+        # other kernels, whose numbers differ by up to ~0.8 nats on a top token (CTranslate2's int8): on the 32
+        # shipped questions 97% (CTranslate2) and 98% (OpenVINO) of the greedy tokens are the argmax
+        assert agree == total if name == "llamacpp" else agree >= 0.9 * total, (agree, total)
 
 
 @pytest.mark.slow
