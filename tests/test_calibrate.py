@@ -1,10 +1,11 @@
-"""precision=auto's calibration: its choices from measured times, its cache, and a measurement that runs."""
+"""precision=auto's calibration: its choices from measured times, its cache, its noise rule, and a measurement that
+runs."""
 
 from __future__ import annotations
 
 import json
 
-from pipeline.calibrate import ROWS, Calibration, Shapes, calibrate, measure
+from pipeline.calibrate import MIX, ROWS, Calibration, calibrate, candidates, measure
 
 
 def _calibration(**step_ms) -> Calibration:
@@ -16,32 +17,51 @@ def _times(one: float, thirty_two: float) -> dict[str, float]:
     return {str(r): one + (thirty_two - one) * (r - 1) / 31 for r in ROWS}
 
 
-def test_auto_picks_the_fastest_engine_format_for_one_row_and_the_kernel_rows_where_it_wins():
-    cal = _calibration(engine__fp32=_times(80, 120), engine__q8=_times(20, 200), engine__q4=_times(12, 400))
+def test_the_format_is_chosen_by_the_stages_mix_of_one_row_and_batched_steps():
+    # q8's one-row step is a little faster, q4's batched step much faster: the mix decides for q4
+    cal = _calibration(
+        engine__fp32=_times(80, 120), engine__q8=_times(9.0, 200), engine__q4=_times(9.5, 60),
+        engine__gemm=_times(100, 90),
+    )  # fmt: skip
+    assert MIX[1] * 9.0 + MIX[32] * 90 > MIX[1] * 9.5 + MIX[32] * 60
     assert cal.engine_format() == "q4"
-    # q4 crosses fp32 at r ~ 7 (12 + 388 (r-1)/31 vs 80 + 40 (r-1)/31), q8 at r ~ 14
-    assert cal.kernel_rows("q4") == 4 and cal.kernel_rows("q8") == 8
-    slow_kernels = _calibration(engine__fp32=_times(10, 100), engine__q4=_times(30, 400))
-    assert slow_kernels.engine_format() == "fp32" and slow_kernels.kernel_rows("q4") == 0
+    assert cal.engine_format(allowed=("fp32", "q8")) == "q8"  # q4 not exact for the source: never picked
+    assert cal.engine_format(allowed=("fp32",)) == "fp32"
+    slow_kernels = _calibration(engine__fp32=_times(10, 100), engine__q4=_times(30, 400), engine__gemm=_times(40, 110))
+    assert slow_kernels.engine_format() == "fp32"
 
 
-def test_int8_activations_are_picked_only_for_a_clear_gain_and_never_pick_the_format():
+def test_the_kernel_runs_up_to_the_rows_where_gemm_is_faster():
+    cal = _calibration(engine__q4=_times(9, 400), engine__gemm=_times(100, 120), engine__fp32=_times(80, 120))
+    # q4 crosses GEMM between 8 rows (9 + 391 * 7/31 = 97) and 32
+    assert cal.kernel_rows("q4") == 8
+    assert _calibration(engine__q4=_times(200, 400), engine__gemm=_times(100, 120)).kernel_rows("q4") == 0
+
+
+def test_bf16_gemm_is_taken_only_for_a_clear_gain():
+    base = dict(engine__q4=_times(9, 400), engine__gemm=_times(100, 100))
+    assert _calibration(**base, engine__gemm_bf16=_times(60, 60)).gemm_dtype() == "bf16"
+    assert _calibration(**base, engine__gemm_bf16=_times(95, 95)).gemm_dtype() == "fp32"  # 5%: not worth rounding
+    assert _calibration(**base).gemm_dtype() == "fp32"  # not native here: not measured
+
+
+def test_int8_activations_are_picked_only_for_a_clear_gain_and_follow_the_allowed_activations():
     cal = _calibration(
         engine__fp32=_times(80, 120),
-        engine__q4=_times(12, 400),
-        engine__q4x8=_times(6, 400),  # x8: 2x faster
-        engine__q8=_times(20, 200),
-        engine__q8x8=_times(19.5, 200),  # 2.5% faster: noise, not worth inexactness
+        engine__q4=_times(12, 60),
+        engine__q4x8={"1": 6},  # x8: 2x faster
+        engine__q8=_times(20, 60),
+        engine__q8x8={"1": 19.5},  # 2.5% faster: noise, not worth inexactness
+        engine__gemm=_times(100, 100),
     )
-    assert cal.engine_format() == "q4"  # formats are compared with fp32 activations; q4x8 is not a format
     assert cal.int8_activations("q4") and not cal.int8_activations("q8")
-    # q8 faster with fp32 activations, q4 with int8 ones: the choice follows the activations allowed
     swapped = _calibration(
         engine__fp32=_times(80, 120),
-        engine__q4=_times(12, 400),
-        engine__q4x8=_times(6, 400),
-        engine__q8=_times(10, 200),
-        engine__q8x8=_times(8, 200),
+        engine__q4=_times(12, 60),
+        engine__q4x8={"1": 6},
+        engine__q8=_times(10, 60),
+        engine__q8x8={"1": 8},
+        engine__gemm=_times(100, 100),
     )
     assert swapped.engine_format() == "q8" and swapped.engine_format(int8_activations=True) == "q4"
     assert not _calibration(engine__q4=_times(12, 400)).int8_activations("q4")  # not measured: never
@@ -54,28 +74,53 @@ def test_slower_than_fp32_names_the_worst_case_and_stays_quiet_within_noise():
     warning = cal.slower_than_fp32("transformers:bf16")
     assert "bf16 measured 5.0x slower than fp32 for a step of 32 rows" in warning
     assert cal.slower_than_fp32("transformers:int8") == ""  # 6% slower: noise, not a finding
+    assert cal.slower_than_fp32("engine:q4") == ""  # not measured here: the caller says what runs instead
     assert cal.transformers_dtype() == "fp32"  # faster for one row, far slower for a batch: not picked
     fast_bf16 = _calibration(transformers__fp32=_times(85, 100), transformers__bf16=_times(40, 60))
     assert fast_bf16.transformers_dtype() == "bf16"
 
 
-def test_measure_times_every_candidate_at_every_row_count_and_the_cache_is_reused(tmp_path, monkeypatch):
-    shapes = Shapes(hidden=64, intermediate=128, qkv_out=128, vocab=1000, layers=2)
-    step_ms = measure(shapes, ["engine:fp32", "transformers:fp32"], reps=1)
-    assert set(step_ms) == {"engine:fp32", "transformers:fp32"}
-    assert all(set(times) == {str(r) for r in ROWS} and min(times.values()) > 0 for times in step_ms.values())
-    # a step of fewer rows is never reported slower than one of more rows (noise is not a finding)
-    assert all(times[str(a)] <= times[str(b)] for times in step_ms.values() for a, b in zip(ROWS, ROWS[1:]))
+def _tiny_config():
+    from transformers import LlamaConfig
 
-    first = calibrate(shapes, tmp_path, log=lambda _: None)
+    return LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+
+
+def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(tmp_path, monkeypatch):
+    config = _tiny_config()
+    step_ms, spread = measure(config, reps=2)
+    assert set(step_ms) == set(candidates())
+    for name, times in step_ms.items():
+        expected = {"1"} if name.endswith("x8") else {str(r) for r in ROWS}
+        assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name
+        assert all(value >= 1.0 for value in spread[name].values())
+
+    first = calibrate(config, tmp_path, log=lambda _: None)
     saved = next((tmp_path / "calibration").glob("*.json"))
-    assert json.loads(saved.read_text())["step_ms"] == first.step_ms
+    assert json.loads(saved.read_text())["step_ms"] == first.step_ms and first.cached
 
     def refuse(*args, **kwargs):
         raise AssertionError("measured again although a calibration is cached")
 
     monkeypatch.setattr("pipeline.calibrate.measure", refuse)
-    assert calibrate(shapes, tmp_path, log=lambda _: None).step_ms == first.step_ms
+    assert calibrate(config, tmp_path, log=lambda _: None).step_ms == first.step_ms
+
+
+def test_a_noisy_calibration_is_measured_again_and_never_cached(tmp_path, monkeypatch):
+    """Repetitions that spread widely mean a busy machine: measure once more, and if still noisy, use it for this
+    process only (the first result used to be cached for good)."""
+    calls = []
+
+    def noisy(config, reps=5):
+        calls.append(1)
+        return {"engine:fp32": {"1": 10.0}}, {"engine:fp32": {"1": 3.0}}
+
+    monkeypatch.setattr("pipeline.calibrate.measure", noisy)
+    lines: list[str] = []
+    result = calibrate(_tiny_config(), tmp_path, log=lines.append)
+    assert len(calls) == 2 and not result.cached and not (tmp_path / "calibration").exists()
+    assert any("used for this run only" in line for line in lines)
 
 
 def test_the_transformers_backend_follows_the_calibration(compose_cfg, monkeypatch):
@@ -94,7 +139,8 @@ def test_the_transformers_backend_follows_the_calibration(compose_cfg, monkeypat
         return TransformersBackend(cfg, log=lambda _: None)
 
     monkeypatch.setattr("pipeline.calibrate.calibrate", fake(40))  # bf16 faster for 1 and 32 rows
-    assert backend("auto").model.dtype == torch.bfloat16
+    auto = backend("auto")
+    assert auto.model.dtype == torch.bfloat16 and any("lossy" in w for w in auto.warnings)
     assert not backend("bf16").warnings
     monkeypatch.setattr("pipeline.calibrate.calibrate", fake(400))  # bf16 5x slower for one row
     assert backend("auto").model.dtype == torch.float32

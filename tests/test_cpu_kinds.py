@@ -127,13 +127,13 @@ def test_the_default_config_runs_under_every_kind(kind, tmp_path):
 
 
 def test_the_calibration_measures_what_each_kind_runs(kind, tmp_path):
-    from pipeline.calibrate import Shapes, _int8_activations_bf16, calibrate
+    from pipeline.calibrate import _int8_activations_bf16, calibrate
     from pipeline.config import ModelConfig
     from pipeline.models import load_model
 
     tiny = load_model(ModelConfig(name="tiny", source="tiny", cache_dir=str(tmp_path / "cache")),
                       torch.device("cpu"), torch.float32, "sdpa")  # fmt: skip
-    result = calibrate(Shapes.of(tiny.model.config), tmp_path / "cache", log=lambda line: None)
+    result = calibrate(tiny.model.config, tmp_path / "cache", log=lambda line: None)
     engine = {name for name in result.step_ms if name.startswith("engine:")}
     assert ("engine:q4" in engine) == (kind != NO_KERNEL) and "engine:fp32" in engine
     # bf16 activations for torch's int8 kernel exactly where the kind computes bf16 natively: the crashing branch

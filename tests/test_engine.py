@@ -135,7 +135,11 @@ def test_a_prompt_with_the_prefix_admitted_where_one_without_it_ran_gets_the_pre
     "sizes,fmt,needle",
     [
         (dict(hidden_size=96, num_attention_heads=4, head_dim=16), "fp32", "differ from hidden_size"),
-        (dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=5, intermediate_size=160), "q4", "groups of 32"),
+        (
+            dict(hidden_size=80, num_attention_heads=5, num_key_value_heads=5, intermediate_size=160),
+            "q4",
+            "groups of 32",
+        ),
         (dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=3), "fp32", "group evenly"),
     ],
 )
@@ -152,6 +156,54 @@ def test_shapes_the_engine_cannot_run_are_unsupported_not_a_crash(tiny, sizes, f
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(EngineUnsupported, match=needle):
         Engine(model, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "q4"])
+def test_jump_forward_gives_the_tokens_of_step_by_step_decoding(tiny, fmt):
+    """Forced runs enter the cache in one multi-token step: the same tokens as one step each, the same distributions
+    (up to summation order) where the model chooses, and fewer steps."""
+    tokenizer = tiny.tokenizer
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:6]]
+    with torch.inference_mode():
+        logits = Engine(tiny.model, "fp32").logits(prompts[0])[-1]
+    ranked = logits.argsort(descending=True).tolist()
+
+    class Form:
+        """Choice, forced run of three, choice, forced run, end: like a form's number, arrow and units."""
+
+        def __init__(self, shift: int):
+            self.steps = [ranked[:3], [7 + shift], [8], [9], ranked[5:9], [10 + shift], [11], []]
+
+        def allowed(self, generated):
+            return self.steps[len(generated)] if len(generated) < len(self.steps) else []
+
+    never = StopTokens(tokenizer, None, eos_ids=[])
+    results = {}
+    for jump in (False, True):
+        engine = Engine(tiny.model, fmt, max_kernel_rows=4)
+        engine.jump_forward = jump
+        steps: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+        def observe(rows, hidden, steps=steps):
+            for seq, h in zip(rows, hidden):
+                choices = seq.constraint.allowed(seq.generated)
+                if choices and len(choices) > 1:
+                    steps[seq.index].append(h.clone())
+
+        calls = []
+        real_step = engine._decode_hidden
+        engine._decode_hidden = lambda *a, calls=calls, real_step=real_step: calls.append(1) or real_step(*a)
+        with torch.inference_mode():
+            engine.set_prefix(prompts[0][:10])
+            out = engine.generate(prompts, 12, never, 3, constraints=[Form(i) for i in range(6)], observe=observe)
+        results[jump] = [s.generated for s in out], steps, len(calls)
+    assert results[True][0] == results[False][0]
+    assert all(len(g) == 7 for g in results[True][0])
+    for with_jump, stepwise in zip(results[True][1], results[False][1]):
+        assert len(with_jump) == len(stepwise) == 2
+        for a, b in zip(with_jump, stepwise):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert results[True][2] < results[False][2]  # the forced runs took no one-token steps
 
 
 def test_stop_tokens_decide_from_ids(tiny):
@@ -220,3 +272,13 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows):
         results[fused] = generated, step
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
+
+
+def test_token_texts_are_what_decode_gives(tiny):
+    from pipeline.tokens import token_texts
+
+    texts = token_texts(tiny.tokenizer)
+    assert len(texts) == len(tiny.tokenizer)
+    sample = list(range(0, len(texts), 97)) + [tiny.tokenizer.eos_token_id]
+    assert [texts[i] for i in sample] == tiny.tokenizer.batch_decode([[i] for i in sample])
+    assert token_texts(tiny.tokenizer) is texts  # once per tokenizer

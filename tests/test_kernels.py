@@ -13,17 +13,23 @@ GROUP = kernels.GROUP_SIZE
 
 @pytest.fixture(params=cpu.KERNEL_ISAS)
 def built(request, monkeypatch):
-    """Each kernel build this CPU executes (the CPU kind forced to its ISA); the op namespace of that build.
+    """Each kernel build this CPU executes (PIPELINE_KERNEL_ISA selects it); the op namespace of that build.
 
     A build whose instructions this CPU lacks is skipped, saying which CPU it needs."""
     isa = request.param
-    detected = cpu.detected_kind()
-    if cpu.rank(detected) < cpu.rank(isa):
-        needs = " ".join(sorted(cpu.NEEDS[isa]))
-        pytest.skip(f"the {isa} kernel build needs a CPU with {needs} (this one is {detected}); CI on such a CPU runs it")
-    monkeypatch.setenv(cpu.KIND_ENV, isa)
+    missing = cpu.ISA_NEEDS[isa] - set(cpu.cpu_flags())
+    if missing:
+        pytest.skip(
+            f"the {isa} kernel build needs a CPU with {' '.join(sorted(cpu.ISA_NEEDS[isa]))}; this one lacks "
+            f"{' '.join(sorted(missing))} (CI on such a CPU runs it)"
+        )
+    monkeypatch.delenv(cpu.SIMULATE_ENV, raising=False)
+    monkeypatch.delenv(cpu.KIND_ENV, raising=False)
+    monkeypatch.setenv(cpu.ISA_ENV, isa)
     if not kernels.available():
-        pytest.fail(f"the {isa} kernel build should run on this {detected} CPU: {kernels.unavailable_reason()}")
+        pytest.fail(
+            f"the {isa} kernel build should run on this {cpu.detected_kind()} CPU: {kernels.unavailable_reason()}"
+        )
     assert kernels.isa() == isa
     return kernels.ops()
 
@@ -216,7 +222,7 @@ def test_a_failed_build_is_said_once_remembered_and_not_retried(monkeypatch, tmp
     monkeypatch.setattr(kernels, "_extension_name", lambda isa: f"pipeline_qlinear_broken_{isa}")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv(cpu.KIND_ENV, "avx2")
+    monkeypatch.setenv(cpu.ISA_ENV, "avx2")
     monkeypatch.delenv("PIPELINE_DISABLE_KERNELS", raising=False)
     assert not kernels.available()
     assert kernels.unavailable_reason().startswith("building broken.cpp for avx2 failed")
@@ -250,6 +256,28 @@ def test_a_build_that_computes_wrong_is_not_used():
 
 def test_every_built_kernel_passes_its_check(built):
     assert kernels._self_test(kernels.isa()) == ""
+
+
+def test_unpack_gives_the_reference_dequantization(built):
+    generator = torch.Generator().manual_seed(7)
+    q4, q8 = random_q4(96, 576, generator), random_q8(96, 576, generator)
+    torch.testing.assert_close(built.q4_dequantize(*q4), kernels.dequantize_q4(*q4), rtol=1e-6, atol=1e-7)
+    assert torch.equal(built.q8_dequantize(*q8), kernels.dequantize_q8(*q8))
+
+
+def test_each_build_gives_the_same_int8_dot_products(built):
+    """VNNI's vpdpbusd and AVX2's maddubs + madd must sum the same integers (no saturation in either)."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 1536, generator=generator) * 3
+    w4, w8 = random_q4(300, 1536, generator), random_q8(300, 1536, generator)
+    w8[0][:, :32] = 127  # the extreme products a block can hold
+    for weights, op, dequantize in (
+        (w4, built.q4_linear, kernels.dequantize_q4),
+        (w8, built.q8_linear, kernels.dequantize_q8),
+    ):
+        rounded = quantize_x_int8(x) @ dequantize(*weights).t()
+        scale = (x.abs() @ dequantize(*weights).abs().t()).max()
+        assert ((op(x, *weights, int8_x=True) - rounded).abs().max() / scale) < 2e-6
 
 
 def test_fake_implementations_let_torch_compile_trace_the_ops(built):

@@ -1,17 +1,23 @@
-"""`precision=auto` measures instead of guessing: a few seconds of matmuls on this machine, cached.
+"""`precision=auto` measures instead of guessing: a few seconds on this machine, cached.
 
-Which weight format decodes fastest depends on the CPU (AVX2-only machines run bf16 GEMM 5x slower than
-fp32 and take a scalar path in torch's int8 kernel with fp32 activations; AVX512-BF16 machines do the
-opposite), so the choice is measured: the linear layers of one decoding step (M=1 row) and of one batched
-step (M=32 rows) at the model's real shapes, with random weights (timing does not depend on values), for
+Which decode format and product path are fastest depends on the CPU (AVX2-only machines run bf16 GEMM 5x
+slower than fp32 and take a scalar path in torch's int8 kernel with fp32 activations; AVX512-BF16 machines do
+the opposite), so they are measured, with random weights at the model's real shapes (timing does not depend
+on values):
 
-- the engine's decode formats: fp32 (x @ W.T), q8 and q4 (our kernels), and q8/q4 with int8 activations
-  for one row (`q8x8`, `q4x8`: x quantized per 32 values, llama.cpp's scheme);
-- the transformers backend's: fp32 and bf16 (F.linear) and int8 (torch's `_weight_int8pack_mm`).
+- the engine's real step: one decode step through every layer (the fused layer call of our kernels, or the
+  eager path in fp32) plus the lm_head, at 1, 8 and 32 rows, in each decode format (fp32, q8, q4), with int8
+  activations for one row (`q8x8`, `q4x8`: x quantized per 32 values, llama.cpp's scheme), and the same step
+  with every product in GEMM (`engine:gemm`, and `engine:gemm_bf16` where bf16 is native) to find where our
+  kernel stops paying;
+- the transformers backend's linear layers: fp32 and bf16 (F.linear) and int8 (torch's `_weight_int8pack_mm`).
 
-Results are cached per CPU, thread count, torch version and model shape in the model cache folder, so
-later runs pay nothing. `precision=auto` never picks what was measured slower, and an explicit choice that
-measured slower than fp32 gets one warning naming the faster one.
+Repetitions are interleaved (each round times every candidate once, so a busy moment hits all of them), the
+median is kept with the spread of its repetitions, and a calibration whose repetitions spread widely is
+measured again, and if still noisy used for this process only, never cached. The format is chosen by the
+default stages' mix of one-row and 32-row steps. Results are cached per CPU, kind, thread count, torch
+version, model shape and kernel source in the model cache folder. `precision=auto` never picks what measured
+slower, and an explicit choice that measured slower than fp32 gets one warning naming the faster one.
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROWS = (1, 4, 8, 16, 32)  # M values measured; 1 is a decode step, 32 a full batched step
+ROWS = (1, 8, 32)  # rows of a step measured; 1 is single-stream decoding, 32 a full batched step
+# the default stages' decode steps: 32 questions of ~7 one-row steps, ~20 steps of the batched stage
+MIX = {1: 224, 32: 20}
+REPS = 5
+NOISY = 1.5  # a median spread of repetitions (max / min) above this means a busy machine: measure again
+GEMM_GAIN = 1.1  # bf16 GEMM rounds activations and weights: taken only for a clear gain
+MAX_ROUND_S = 20.0  # a calibration round slower than this is not repeated
 # a choice counts as slower when it takes this much longer than the reference
 SLOWER = 1.15
 # int8 activations are not bit-exact, so auto takes them only for a clear gain (at least 5%)
@@ -67,33 +79,54 @@ class Calibration:
     step_ms: dict[str, dict[str, float]]
     machine: str
     seconds: float  # how long measuring took
+    # max / min of each candidate's repetitions, per number of rows (1.0: they agreed)
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)
+    cached: bool = True  # false: the machine was too busy to trust it beyond this process
+
+    def median_spread(self) -> float:
+        values = sorted(v for times in self.spread.values() for v in times.values())
+        return values[len(values) // 2] if values else 1.0
 
     def time(self, candidate: str, rows: int) -> float:
         return self.step_ms.get(candidate, {}).get(str(rows), float("inf"))
 
     def engine_format(self, int8_activations: bool = False, allowed: tuple[str, ...] | None = None) -> str:
-        """The engine's fastest decode format for one row among `allowed` (those exact for the source weights;
-        None: any); fp32 on ties.
+        """The engine's decode format with the least time for the default stages' mix of steps (MIX), among
+        `allowed` (those exact for the source weights; None: any); fp32 on ties.
 
-        With `int8_activations` (precision.activations auto or int8) a format counts at its better time, with
-        or without int8 activations: q8 can be faster than q4 with fp32 activations and slower with int8 ones.
+        With `int8_activations` (precision.activations auto or int8) a one-row step counts at its better time,
+        with or without int8 activations; a 32-row step at its better time, kernel or GEMM.
         """
-        formats = [c.split(":", 1)[1] for c in self.step_ms if c.startswith("engine:") and not c.endswith(X8)]
+        formats = [c.split(":", 1)[1] for c in self.step_ms if _is_format(c)]
         formats = [f for f in formats if allowed is None or f in allowed] or ["fp32"]
 
-        def best(f: str) -> float:
-            x8 = self.time(f"engine:{f}{X8}", 1) * INT8_GAIN if int8_activations else float("inf")
-            return min(self.time(f"engine:{f}", 1), x8)
+        def cost(f: str) -> float:
+            one = self.time(f"engine:{f}", 1)
+            if int8_activations:
+                one = min(one, self.time(f"engine:{f}{X8}", 1) * INT8_GAIN)
+            many = self.time(f"engine:{f}", 32) if f == "fp32" else min(self.time(f"engine:{f}", 32), self.gemm_ms(32))
+            return MIX[1] * one + MIX[32] * many
 
-        return min(formats, key=lambda f: (best(f), f != "fp32"))
+        return min(formats, key=lambda f: (cost(f), f != "fp32"))
+
+    def gemm_ms(self, rows: int) -> float:
+        """A step of `rows` rows with every product in GEMM, in the GEMM dtype `gemm_dtype` picks."""
+        return self.time("engine:gemm_bf16" if self.gemm_dtype() == "bf16" else "engine:gemm", rows)
+
+    def gemm_dtype(self) -> str:
+        """bf16 where its GEMM measured at least GEMM_GAIN faster for a 32-row step (native bf16 only), else fp32."""
+        bf16, fp32 = self.time("engine:gemm_bf16", 32), self.time("engine:gemm", 32)
+        return "bf16" if bf16 * GEMM_GAIN < fp32 else "fp32"
 
     def kernel_rows(self, fmt: str) -> int:
-        """The most rows for which the format's kernel is no slower than fp32 GEMM (then GEMM takes over)."""
-        best = 0
-        for rows in ROWS:
-            if self.time(f"engine:{fmt}", rows) <= self.time("engine:fp32", rows):
-                best = rows
-        return best
+        """The most rows for which the format's kernel is no slower than GEMM (then GEMM takes over)."""
+        if "engine:gemm" not in self.step_ms:  # an older calibration of bare linear layers: against fp32
+            return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.time("engine:fp32", r)), default=0)
+        return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.gemm_ms(r)), default=0)
+
+    def jump_forward_pays(self, fmt: str) -> bool:
+        """Whether one step of 8 rows measured cheaper than 8 one-row steps (then a forced run goes in at once)."""
+        return self.time(f"engine:{fmt}", 8) < 8 * self.time(f"engine:{fmt}", 1)
 
     def int8_activations(self, fmt: str) -> bool:
         """Whether int8 activations measured faster than fp32 ones for a decode step in `fmt` (by INT8_GAIN)."""
@@ -110,7 +143,8 @@ class Calibration:
         reference = f"{backend}:fp32"
         if candidate not in self.step_ms or reference not in self.step_ms:
             return ""  # not measured here (no kernel of ours): the caller says what runs instead
-        worst = max(ROWS, key=lambda r: self.time(candidate, r) / self.time(reference, r))
+        rows = [int(r) for r in self.step_ms[candidate] if r in self.step_ms[reference]]
+        worst = max(rows, key=lambda r: self.time(candidate, r) / self.time(reference, r))
         ratio = self.time(candidate, worst) / self.time(reference, worst)
         if ratio <= SLOWER:
             return ""
@@ -118,36 +152,146 @@ class Calibration:
         return f"{candidate.split(':', 1)[1]} measured {ratio:.1f}x slower than fp32 for {kind} on this CPU"
 
 
-def _best_ms(function, reps: int) -> float:
-    """The fastest of `reps` timed calls: other work on the machine only ever adds time, so the minimum is
-    the closest to what the kernel itself costs (a median taken on a busy machine picks different winners)."""
-    function()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
+def _is_format(candidate: str) -> bool:
+    name = candidate.split(":", 1)
+    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith("gemm")
+
+
+def _interleaved(tasks: list[tuple[str, int, object]], reps: int) -> tuple[dict, dict]:
+    """Median ms and spread (max / min) of each (name, rows, function), timed in `reps` interleaved rounds."""
+    for _, _, function in tasks:  # first calls allocate and spin up threads
         function()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    times: dict[tuple[str, int], list[float]] = {(name, rows): [] for name, rows, _ in tasks}
+    for _ in range(reps):
+        for name, rows, function in tasks:
+            start = time.perf_counter()
+            function()
+            times[(name, rows)].append((time.perf_counter() - start) * 1e3)
+    median: dict[str, dict[str, float]] = {}
+    spread: dict[str, dict[str, float]] = {}
+    for (name, rows), values in times.items():
+        values.sort()
+        median.setdefault(name, {})[str(rows)] = round(values[len(values) // 2], 3)
+        spread.setdefault(name, {})[str(rows)] = round(values[-1] / max(values[0], 1e-9), 3)
+    return median, spread
 
 
-def _engine_linear(weight: torch.Tensor, fmt: str):
-    from pipeline import kernels
+def _random_state(config, fmt: str, shared: dict[str, torch.Tensor], generator: torch.Generator):
+    """An engine state of random weights at `config`'s shapes in `fmt`; the fp32 GEMM weights come from `shared`
+    (one set for every format: each layer its own, so the step reads as many bytes as a real one)."""
+    from pipeline.engine import PACKED, head_format
 
-    int8_x = fmt.endswith(X8)
-    fmt = fmt.removesuffix(X8)
-    if fmt == "q4":
-        packed = kernels.quantize_q4(weight)
-        return lambda x: kernels.q4_linear(x, *packed, int8_x=int8_x)
-    if fmt == "q8":
-        packed = kernels.quantize_q8(weight)
-        return lambda x: kernels.q8_linear(x, *packed, int8_x=int8_x)
-    weight_t = weight.t().contiguous()
-    return lambda x: x @ weight_t
+    def packed(fmt: str, n: int, k: int) -> dict[str, torch.Tensor]:
+        if fmt == "fp32":
+            return {}
+        scales = torch.full((n, k // 32), 1e-3)
+        if fmt == "q4":
+            q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+            return dict(zip(PACKED["q4"], (q, scales, -8 * scales)))
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+        return dict(zip(PACKED["q8"], (q, scales)))
+
+    state = {}
+    for name, t in shared.items():
+        matrix = name.removesuffix(".t")
+        if name.endswith(".t"):
+            k, n = t.shape
+            state[name] = t
+            own = head_format(fmt) if matrix == "lm_head" else fmt
+            state.update({f"{matrix}.{key}": v for key, v in packed(own, n, k).items()})
+        else:
+            state[name] = t
+    return state
+
+
+def _shared_weights(config, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    h, i = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    shapes = {"qkv": (h, (heads + 2 * kv) * d), "o": (heads * d, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    weights = {}
+    for layer in range(config.num_hidden_layers):
+        for name, shape in shapes.items():
+            weights[f"layers.{layer}.{name}.t"] = torch.empty(shape).uniform_(-0.02, 0.02, generator=generator)
+        weights[f"layers.{layer}.attn_norm"] = torch.ones(h)
+        weights[f"layers.{layer}.mlp_norm"] = torch.ones(h)
+    weights["embedding"] = torch.empty(config.vocab_size, h).uniform_(-0.02, 0.02, generator=generator)
+    weights["norm"] = torch.ones(h)
+    weights["lm_head.t"] = weights["embedding"].t().contiguous()
+    return weights
+
+
+def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, object]]:
+    """The engine's real steps to time: each format's decode step (+ lm_head) at each row count, int8
+    activations for one row, and the step with every product in GEMM (fp32, and bf16 where native)."""
+    from pipeline import cpu, kernels
+    from pipeline.engine import Engine
+
+    shared = _shared_weights(config, generator)
+    formats = ["fp32", *(("q8", "q4") if kernels.available() else ())]
+    tasks: list[tuple[str, int, object]] = []
+    position = 256  # a step over a prompt of the default's length (its shared prefix is 242 tokens)
+
+    def step(engine: Engine, rows: int, int8_x: bool, kernel_rows: int):
+        tokens, positions = torch.arange(rows) + 100, torch.full((rows,), position)
+
+        def run():
+            engine.set_kernel_rows(kernel_rows)
+            engine.lm_head(engine._decode_hidden(tokens, positions), int8_x)
+
+        return run
+
+    engines = []
+    for fmt in formats:
+        engine = Engine(config=config, state=_random_state(config, fmt, shared, generator), fmt=fmt, slots=32)
+        engine._ensure(32, position + 64)
+        engines.append(engine)
+        for rows in ROWS:
+            tasks.append((f"engine:{fmt}", rows, step(engine, rows, False, 64)))
+        if fmt != "fp32":
+            tasks.append((f"engine:{fmt}{X8}", 1, step(engine, 1, True, 64)))
+    if kernels.available():
+        gemms = [("gemm", torch.float32)] + ([("gemm_bf16", torch.bfloat16)] if cpu.current().fast_bf16 else [])
+        for name, dtype in gemms:
+            engine = Engine(
+                config=config, state=_random_state(config, "q8", shared, generator), fmt="q8", slots=32,
+                gemm_dtype=dtype,
+            )  # fmt: skip
+            engine._ensure(32, position + 64)
+            engines.append(engine)
+            for rows in ROWS:
+                tasks.append((f"engine:{name}", rows, step(engine, rows, False, 0)))
+    return tasks
+
+
+def transformers_tasks(shapes: Shapes, generator: torch.Generator) -> list[tuple[str, int, object]]:
+    """The linear layers of one transformers decode step (and of a batched one) in each of its dtypes."""
+    weights = {(n, k): torch.randn(n, k, generator=generator) * 0.02 for n, k, _ in shapes.matrices()}
+    tasks = []
+    for fmt in ("fp32", "bf16", "int8"):
+        linears = {key: _transformers_linear(w, fmt) for key, w in weights.items()}
+        dtype = torch.bfloat16 if fmt == "int8" and _int8_activations_bf16() else torch.float32
+        for rows in ROWS:
+            inputs = [
+                (linears[(n, k)], count, torch.randn(rows if count > 1 else 1, k, generator=generator).to(dtype))
+                for n, k, count in shapes.matrices()
+            ]
+
+            def run(inputs=inputs):
+                for linear, count, x in inputs:
+                    for _ in range(count):
+                        linear(x)
+
+            tasks.append((f"transformers:{fmt}", rows, run))
+    return tasks
 
 
 def _transformers_linear(weight: torch.Tensor, fmt: str):
-    if fmt == "int8" and not _int8_activations_bf16():  # what WeightOnlyInt8Linear does then
-        return _engine_linear(weight, "q8") if _kernels_available() else _aten_int8(weight)
+    if fmt == "int8" and not _int8_activations_bf16() and _kernels_available():  # what WeightOnlyInt8Linear does
+        from pipeline import kernels
+
+        packed = kernels.quantize_q8(weight)
+        return lambda x: kernels.q8_linear(x, *packed)
     if fmt == "int8":
         return _aten_int8(weight)
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
@@ -170,39 +314,21 @@ def _aten_int8(weight: torch.Tensor):
 
 
 def candidates() -> list[str]:
-    """The formats measured here: the engine's (q4/q8 only where our kernel is built) and transformers'."""
-    from pipeline import kernels
+    """The candidates measured here (the engine's q4/q8 and its GEMM steps only where our kernel runs)."""
+    from pipeline import cpu, kernels
 
-    engine = ["fp32", *(("q8", "q4", f"q8{X8}", f"q4{X8}") if kernels.available() else ())]
+    engine = ["fp32", *(("q8", "q4", f"q8{X8}", f"q4{X8}", "gemm") if kernels.available() else ())]
+    if kernels.available() and cpu.current().fast_bf16:
+        engine.append("gemm_bf16")
     return [f"engine:{f}" for f in engine] + [f"transformers:{f}" for f in ("fp32", "bf16", "int8")]
 
 
-def measure(shapes: Shapes, names: list[str], reps: int = 5) -> dict[str, dict[str, float]]:
-    """Step time in ms of each candidate for each row count in ROWS (the lm_head counted for one row only)."""
+def measure(config, reps: int = REPS) -> tuple[dict, dict]:
+    """(median ms, spread) of every candidate at every row count it is measured at."""
     generator = torch.Generator().manual_seed(0)
-    weights = {(n, k): torch.randn(n, k, generator=generator) * 0.02 for n, k, _ in shapes.matrices()}
-    step_ms: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
-        for name in names:
-            backend, fmt = name.split(":", 1)
-            make = _engine_linear if backend == "engine" else _transformers_linear
-            linears = {key: make(w, fmt) for key, w in weights.items()}
-            step_ms[name] = {}
-            for rows in ROWS:
-                if name.endswith(X8) and rows > 1:  # the flag changes one-row products only
-                    step_ms[name][str(rows)] = step_ms[name.removesuffix(X8)][str(rows)]
-                    continue
-                total = 0.0
-                for n, k, count in shapes.matrices():
-                    x = torch.randn(rows if count > 1 else 1, k, generator=generator)
-                    if backend == "transformers" and fmt == "int8":
-                        x = x.to(torch.bfloat16 if _int8_activations_bf16() else torch.float32)
-                    total += count * _best_ms(lambda f=linears[(n, k)], x=x: f(x), reps)
-                step_ms[name][str(rows)] = round(total, 3)
-            # fewer rows never take longer than more rows: where a busy moment says so, trust the larger count
-            for smaller, larger in zip(ROWS[-2::-1], ROWS[:0:-1]):
-                step_ms[name][str(smaller)] = min(step_ms[name][str(smaller)], step_ms[name][str(larger)])
-    return step_ms
+        tasks = engine_tasks(config, generator) + transformers_tasks(Shapes.of(config), generator)
+        return _interleaved(tasks, reps)
 
 
 def _int8_activations_bf16() -> bool:
@@ -225,8 +351,12 @@ def machine_key(shapes: Shapes, names: list[str]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def calibrate(shapes: Shapes, cache_dir: Path, log=print) -> Calibration:
-    """The cached calibration for this machine and model shape, measured now if there is none."""
+def calibrate(config, cache_dir: Path, log=print) -> Calibration:
+    """The cached calibration for this machine and model shape (a transformers config), measured now if there
+    is none: again when its repetitions spread widely, and then, if still noisy, not cached."""
+    from pipeline.environment import cpuinfo_field
+
+    shapes = Shapes.of(config)
     names = candidates()
     key = machine_key(shapes, names)
     file = cache_dir / "calibration" / f"{key}.json"
@@ -235,12 +365,23 @@ def calibrate(shapes: Shapes, cache_dir: Path, log=print) -> Calibration:
             return Calibration(**json.loads(file.read_text()))
         except (TypeError, ValueError):
             pass  # an old or damaged file: measure again
-    log("calibrating weight formats on this machine (once; cached in " + str(file.parent) + ")")
+    log("calibrating the engine's step and weight formats on this machine (once; cached in " + str(file.parent) + ")")
     start = time.perf_counter()
-    step_ms = measure(shapes, names)
-    from pipeline.environment import cpuinfo_field
-
-    result = Calibration(step_ms, cpuinfo_field("model name") or platform.machine(), time.perf_counter() - start)
+    for _attempt in range(2):
+        round_start = time.perf_counter()
+        step_ms, spread = measure(config)
+        result = Calibration(step_ms, cpuinfo_field("model name") or platform.machine(), 0.0, spread)
+        if result.median_spread() <= NOISY or time.perf_counter() - round_start > MAX_ROUND_S:
+            break  # a round this slow means a loaded machine that another round will not see idle
+        log(f"calibration: repetitions spread {result.median_spread():.2f}x (a busy machine?); measuring again")
+    result.seconds = round(time.perf_counter() - start, 2)
+    if result.median_spread() > NOISY:
+        result.cached = False
+        log(
+            f"calibration: still {result.median_spread():.2f}x spread; used for this run only, measured again in the "
+            "next (times in this run may say more about the machine than the code)"
+        )
+        return result
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{time.time_ns()}.tmp")
     tmp.write_text(json.dumps(asdict(result), indent=1))

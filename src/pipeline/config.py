@@ -19,6 +19,7 @@ from pipeline.errors import PipelineError
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 ACTIVATIONS = ("auto", "fp32", "int8")
+GEMM_DTYPES = ("auto", "fp32", "bf16")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 BACKENDS = ("auto", "engine", "transformers", "llamacpp", "openvino", "ctranslate2")
@@ -78,10 +79,15 @@ class PrecisionConfig:
     # at each matrix, as llama.cpp does: faster single-stream decoding, not bit-exact), or auto: int8
     # where the calibration measured it at least 5% faster on this machine
     activations: str = "auto"
+    # backend=engine: the dtype of products over more rows than our kernel's limit (prefills, batched steps).
+    # fp32 (exact), bf16 (native on AVX512-BF16/AMX CPUs: faster, rounds to bf16), or auto: bf16 where the
+    # calibration measured it at least 10% faster, said in a warning, its cost in the run's KLD
+    gemm: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.name, PRECISIONS)
         _check_choice("precision.activations", self.activations, ACTIVATIONS)
+        _check_choice("precision.gemm", self.gemm, GEMM_DTYPES)
 
 
 @dataclass
@@ -114,6 +120,10 @@ class GenerationConfig:
     cache_implementation: str = "dynamic"
     # compute the KV cache of the prefix all prompts share (system prompt, examples) once and reuse it
     prefix_cache: bool = True
+    # backend=engine, constrained decoding: where the constraint allows a single next token, or a run of them,
+    # they enter the KV cache in one multi-token step (SGLang's jump-forward). null: on where the calibration
+    # measures a step of 8 rows cheaper than 8 steps of one
+    jump_forward: bool | None = None
 
     def __post_init__(self) -> None:
         _check_positive("generation.max_new_tokens", self.max_new_tokens, allow_none=True)

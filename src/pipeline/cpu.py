@@ -32,8 +32,16 @@ NEEDS = {
     "avx512_bf16": {"avx512_bf16"},
     "amx": {"amx_bf16", "amx_tile", "amx_int8"},
 }
-# kernel builds (instruction sets our C++ is compiled for), best first
-KERNEL_ISAS = ("avx512", "avx2")
+# kernel builds (instruction sets our C++ is compiled for), best first: the flags each needs, and the kind it is of
+KERNEL_ISAS = ("avx512vnni", "avx512", "avx2")
+ISA_NEEDS = {
+    "avx2": NEEDS["avx2"],
+    "avx512": NEEDS["avx2"] | NEEDS["avx512"],
+    "avx512vnni": NEEDS["avx2"] | NEEDS["avx512"] | {"avx512_vnni"},
+}
+ISA_KIND = {"avx2": "avx2", "avx512": "avx512", "avx512vnni": "avx512"}
+# PIPELINE_KERNEL_ISA=<isa> picks a build below the best one the kind and CPU allow (to compare builds)
+ISA_ENV = "PIPELINE_KERNEL_ISA"
 
 
 def cpu_flags() -> frozenset[str]:
@@ -75,12 +83,18 @@ class CpuKind:
 
     @property
     def kernel_isa(self) -> str | None:
-        """The kernel build to load: the best ISA both the kind and the CPU run; None for `none`."""
-        runnable = min(rank(self.kind), rank(self.detected))
-        for isa in KERNEL_ISAS:
-            if runnable >= rank(isa):
-                return isa
-        return None
+        """The kernel build to load: the best ISA the kind allows and the CPU's flags run ($PIPELINE_KERNEL_ISA
+        picks a lower one); None for `none`."""
+        flags, asked = cpu_flags(), os.environ.get(ISA_ENV, "").strip()
+        ceiling = min(rank(self.kind), rank(self.detected))
+        runnable = [isa for isa in KERNEL_ISAS if rank(ISA_KIND[isa]) <= ceiling and ISA_NEEDS[isa] <= set(flags)]
+        if asked:
+            if asked not in KERNEL_ISAS:
+                raise PipelineError(f"{ISA_ENV}={asked} is not a kernel build; choose one of: {', '.join(KERNEL_ISAS)}")
+            if asked not in runnable:
+                raise PipelineError(f"{ISA_ENV}={asked} does not run under CPU kind {self.describe()}; unset it")
+            return asked
+        return runnable[0] if runnable else None
 
     def describe(self) -> str:
         """e.g. 'avx512_bf16', 'avx2 (forced; the CPU is avx512_bf16)', 'amx (simulated on avx2)'."""

@@ -15,6 +15,7 @@ The hot path in plain sight:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,6 +46,7 @@ class Sequence:
     done: bool = False
     hit_budget: bool = False
     constraint: Constraint | None = None
+    pending: int = 1  # generated tokens not in the cache yet: the last one, or a forced run after it (jump-forward)
 
 
 class Constraint(Protocol):
@@ -58,23 +60,27 @@ class Constraint(Protocol):
 class Linear:
     """y = x @ W.T for the engine: fp32 GEMM for many rows, the decode format's kernel for a few.
 
-    Without a kernel of ours (pipeline.kernels says why), q4/q8 weights are dequantized once here and run as
-    fp32: the format's rounding without its speed, never a dequantization per call.
+    `weight_t` is W.T in fp32 ([K, N]: x @ W_t reads rows in order), holding the decode format's own rounded
+    values, so that q4 means q4 on every path; `packed` is the format's (pipeline.kernels). Without a kernel of
+    ours the packed form is dropped and fp32 GEMM runs: the format's rounding without its speed, never a
+    dequantization per call.
     """
 
-    def __init__(self, weight: torch.Tensor, fmt: str, max_kernel_rows: int):
-        self.out_features, self.in_features = weight.shape
+    def __init__(
+        self,
+        weight_t: torch.Tensor,
+        packed: tuple[torch.Tensor, ...],
+        fmt: str,
+        max_kernel_rows: int,
+        gemm_dtype: torch.dtype = torch.float32,
+    ):
+        self.in_features, self.out_features = weight_t.shape
         self.fmt, self.max_kernel_rows = fmt, max_kernel_rows
-        self.packed: tuple[torch.Tensor, ...] = ()
-        if fmt in ("q4", "q8"):
-            from pipeline import kernels
-
-            packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
-            if kernels.available():
-                self.packed = packed
-            # the rows above the kernel's (fp32 GEMM) multiply the same rounded weights: q4 means q4 everywhere
-            weight = kernels.dequantize_q4(*packed) if fmt == "q4" else kernels.dequantize_q8(*packed)
-        self.weight_t = weight.detach().float().t().contiguous()  # [K, N]: x @ W_t reads rows in order
+        self.weight_t = weight_t
+        self.packed = packed if packed and _fused_kernel_available() else ()
+        # what the GEMM of many rows multiplies: the fp32 weights, or a bf16 copy where bf16 GEMM is native and
+        # measured faster (precision.gemm); bf16 rounds them, and the run's fidelity says what that costs
+        self.gemm_t = weight_t if gemm_dtype == torch.float32 else weight_t.to(gemm_dtype)
 
     def __call__(self, x: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
         if self.packed and x.shape[0] <= self.max_kernel_rows:
@@ -83,6 +89,8 @@ class Linear:
             if self.fmt == "q4":
                 return kernels.q4_linear(x, *self.packed, int8_x=int8_x)
             return kernels.q8_linear(x, *self.packed, int8_x=int8_x)
+        if self.gemm_t is not self.weight_t and x.shape[0] > 1:
+            return (x.to(self.gemm_t.dtype) @ self.gemm_t).float()
         return x @ self.weight_t
 
     def decode_bytes(self) -> int:
@@ -92,32 +100,76 @@ class Linear:
         return self.weight_t.numel() * self.weight_t.element_size()
 
 
-class Layer:
-    def __init__(self, block, fmt: str, max_kernel_rows: int):
+MATRICES = ("qkv", "o", "gate_up", "down")
+PACKED = {"q4": ("q", "d", "m"), "q8": ("q", "d"), "fp32": ()}  # the state's names of each format's tensors
+
+
+def pack(weight: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """One matrix [N, K] in the engine's state: `t` (its rounded values, transposed, fp32) and the packed form."""
+    from pipeline import kernels
+
+    weight = weight.detach().float()
+    if fmt == "fp32":
+        return {"t": weight.t().contiguous()}
+    packed = kernels.quantize_q4(weight) if fmt == "q4" else kernels.quantize_q8(weight)
+    rounded = kernels.unpack_q4(*packed) if fmt == "q4" else kernels.unpack_q8(*packed)
+    return {"t": rounded.t().contiguous(), **dict(zip(PACKED[fmt], packed))}
+
+
+def head_format(fmt: str) -> str:
+    """The lm_head's format: q8 in both quantized formats (a GGUF model's head is Q8_0, which int8 keeps exact)."""
+    return "q8" if fmt == "q4" else fmt
+
+
+def state_from_model(model, fmt: str) -> dict[str, torch.Tensor]:
+    """The engine's weights taken from a transformers Llama model and packed in `fmt` (quantized where needed).
+
+    q and k rows are reordered within each head so that rotary pairs (i, i + dim/2) sit side by side: then the
+    rotation is one complex multiply. Attention scores are dot products of q and k, which the same reordering
+    of both leaves unchanged; v and o keep their order. (A GGUF file stores q and k in this order already.)
+    """
+    inner, state = model.model, {}
+    for i, block in enumerate(inner.layers):
         attn, mlp = block.self_attn, block.mlp
-        # q and k rows are reordered within each head so that rotary pairs (i, i + dim/2) sit side by side:
-        # then the rotation is one complex multiply. Attention scores are dot products of q and k, which
-        # the same reordering of both leaves unchanged; v and o keep their order.
-        head_dim = attn.head_dim
-        q, k = (_interleave_halves(w, head_dim) for w in (attn.q_proj.weight, attn.k_proj.weight))
-        qkv = torch.cat([q, k, attn.v_proj.weight])
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        projections = ("q_proj", "k_proj", "v_proj", "o_proj")
-        for name, module in [(n, getattr(attn, n)) for n in projections] + [
-            (n, getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")
-        ]:
+        projections = [(n, getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        for name, module in projections + [(n, getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]:
             if getattr(module, "bias", None) is not None:
                 raise EngineUnsupported(f"backend=engine has no bias support ({name}); use backend=transformers")
-        self.qkv = Linear(qkv, fmt, max_kernel_rows)
-        self.o = Linear(attn.o_proj.weight, fmt, max_kernel_rows)
-        self.gate_up = Linear(gate_up, fmt, max_kernel_rows)
-        self.down = Linear(mlp.down_proj.weight, fmt, max_kernel_rows)
-        self.attn_norm = block.input_layernorm.weight.detach().float()
-        self.mlp_norm = block.post_attention_layernorm.weight.detach().float()
-        self.intermediate = mlp.gate_proj.weight.shape[0]
+        q, k = (_interleave_halves(w, attn.head_dim) for w in (attn.q_proj.weight, attn.k_proj.weight))
+        matrices = {
+            "qkv": torch.cat([q, k, attn.v_proj.weight]),
+            "o": attn.o_proj.weight,
+            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            "down": mlp.down_proj.weight,
+        }
+        for name, weight in matrices.items():
+            state.update({f"layers.{i}.{name}.{key}": t for key, t in pack(weight, fmt).items()})
+        state[f"layers.{i}.attn_norm"] = block.input_layernorm.weight.detach().float().contiguous()
+        state[f"layers.{i}.mlp_norm"] = block.post_attention_layernorm.weight.detach().float().contiguous()
+    state["embedding"] = inner.embed_tokens.weight.detach().float().contiguous()
+    state["norm"] = inner.norm.weight.detach().float().contiguous()
+    head = model.get_output_embeddings().weight
+    state.update({f"lm_head.{key}": t for key, t in pack(head, head_format(fmt)).items()})
+    return state
+
+
+class Layer:
+    def __init__(
+        self, state: dict[str, torch.Tensor], index: int, fmt: str, max_kernel_rows: int, gemm_dtype: torch.dtype
+    ):
+        prefix = f"layers.{index}."
+
+        def linear(name: str) -> Linear:
+            packed = tuple(state[f"{prefix}{name}.{key}"] for key in PACKED[fmt])
+            return Linear(state[f"{prefix}{name}.t"], packed, fmt, max_kernel_rows, gemm_dtype)
+
+        self.qkv, self.o, self.gate_up, self.down = (linear(name) for name in MATRICES)
+        self.attn_norm = state[f"{prefix}attn_norm"]
+        self.mlp_norm = state[f"{prefix}mlp_norm"]
+        self.intermediate = self.gate_up.out_features // 2
         # what the fused layer kernel reads, in its order: each matrix packed, then in fp32 (empty in fp32)
         matrices = (self.qkv, self.o, self.gate_up, self.down)
-        self.packed = [t for m in matrices for t in (*m.packed, m.weight_t)] if fmt != "fp32" else []
+        self.packed = [t for m in matrices for t in (*m.packed, m.gemm_t)] if fmt != "fp32" else []
 
 
 def _fused_kernel_available() -> bool:
@@ -162,31 +214,45 @@ class Engine:
     """Weights, KV cache and the prefill/decode steps of one model; `generate` runs a list of prompts."""
 
     def __init__(
-        self, model, fmt: str = "fp32", slots: int = 1, max_kernel_rows: int = 8, int8_activations: bool = False
+        self,
+        model=None,
+        fmt: str = "fp32",
+        slots: int = 1,
+        max_kernel_rows: int = 8,
+        int8_activations: bool = False,
+        *,
+        config=None,
+        state: dict[str, torch.Tensor] | None = None,
+        gemm_dtype: torch.dtype = torch.float32,
     ):
+        """From a transformers Llama `model` (its weights packed now), or from a `config` and the `state` that
+        `state_from_model` (or a GGUF file's blocks, pipeline.engine_weights) made in `fmt`."""
         if fmt not in FORMATS:
             raise PipelineError(f"engine weight format {fmt!r} is not one of {', '.join(FORMATS)}")
-        config = model.config
+        config = model.config if model is not None else config
         if getattr(config, "model_type", "") != "llama":
             raise EngineUnsupported(
                 f"backend=engine runs Llama-architecture models (this one is {config.model_type!r}); "
                 "use backend=transformers"
             )
         self.config, self.fmt = config, fmt
-        inner = model.model
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.hidden = config.hidden_size
         self.eps = config.rms_norm_eps
         _check_shapes(config, self.num_heads, self.num_kv_heads, self.head_dim, fmt)
-        self.embedding = inner.embed_tokens.weight.detach().float()
-        self.layers = [Layer(block, fmt, max_kernel_rows) for block in inner.layers]
-        self.norm = inner.norm.weight.detach().float()
-        head = model.get_output_embeddings().weight
-        # the lm_head of a GGUF model is Q8_0: int8 groups keep it exact where int4 would not
-        self.lm_head = Linear(head, "q8" if fmt == "q4" else fmt, max_kernel_rows)
-        self._rotary = inner.rotary_emb
+        if state is None:
+            state = state_from_model(model, fmt)
+        self.embedding = state["embedding"]
+        self.gemm_dtype = gemm_dtype
+        self.layers = [Layer(state, i, fmt, max_kernel_rows, gemm_dtype) for i in range(config.num_hidden_layers)]
+        self.norm = state["norm"]
+        head_packed = tuple(state[f"lm_head.{key}"] for key in PACKED[head_format(fmt)])
+        self.lm_head = Linear(state["lm_head.t"], head_packed, head_format(fmt), max_kernel_rows)
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self._rotary = LlamaRotaryEmbedding(config=config)
         self.rotations = torch.empty(0, dtype=torch.complex64)
         self.rotations_real = torch.empty(0)  # the same as [length, dim/2, (cos, sin)] for the fused kernel
         # q4/q8 weights run every step and prefill as one fused kernel call per layer (our kernel up to
@@ -206,7 +272,19 @@ class Engine:
         # a prompt with the prefix admitted there later gets it back first)
         self.prefix_ok: list[bool] = []
         self._observe = None  # generate's `observe` hook while it runs
+        # forced runs of constrained rows enter the cache in one multi-token step (exact up to summation order)
+        self.jump_forward = False
+        # every layer pass generate made, by its rows ("32": a step or prefill of 32 rows), and every full lm_head
+        # by its rows ("head:5"): what the bench's roofline of a stage is computed from
+        self.steps: Counter[str] = Counter()
         self._ensure(slots, 256)
+
+    def set_kernel_rows(self, rows: int) -> None:
+        """Our kernel up to `rows` rows, GEMM above (the calibration times both sides of the limit)."""
+        self.max_kernel_rows = rows
+        for linear in [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
+            linear.max_kernel_rows = rows
+        self.lm_head.max_kernel_rows = rows
 
     # ------------------------------------------------------------------ memory
 
@@ -215,6 +293,16 @@ class Engine:
         matrices = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         norms = sum(layer.attn_norm.numel() + layer.mlp_norm.numel() for layer in self.layers) + self.norm.numel()
         return sum(m.decode_bytes() for m in matrices) + self.lm_head.decode_bytes() + 4 * norms
+
+    def work_shape(self) -> dict[str, str]:
+        """Bytes and parameters of one pass through the layers and through the lm_head (the bench's roofline)."""
+        matrices = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return {
+            "layer_bytes": str(sum(m.decode_bytes() for m in matrices)),
+            "head_bytes": str(self.lm_head.decode_bytes()),
+            "layer_params": str(sum(m.in_features * m.out_features for m in matrices)),
+            "head_params": str(self.lm_head.in_features * self.lm_head.out_features),
+        }
 
     def _ensure(self, slots: int, length: int) -> None:
         """Grow the KV cache to `slots` rows of `length` positions (the shared prefix is copied into new rows)."""
@@ -251,17 +339,29 @@ class Engine:
         elif seq.start == 0 and self.prefix:
             self.prefix_ok[slot] = False
 
-    def set_prefix(self, prefix: list[int]) -> None:
-        """Compute the KV cache of `prefix` once and put it at the start of every slot."""
+    def set_prefix(self, prefix: list[int], cached: dict[str, torch.Tensor] | None = None) -> None:
+        """Compute the KV cache of `prefix` once (or take it from `cached`, what `prefix_state` gave for the same
+        prefix and engine) and put it at the start of every slot."""
         self.prefix, self.prefix_k, self.prefix_v = [], [], []
         if not prefix:
             return
         self._ensure(self.slots, len(prefix) + 64)
-        self._prefill([(0, Sequence(0, list(prefix), start=0, budget=0, generated=[]))], logits=False)
+        if cached is not None:
+            self.prefix_k = [cached[f"k.{i}"] for i in range(len(self.layers))]
+            self.prefix_v = [cached[f"v.{i}"] for i in range(len(self.layers))]
+        else:
+            self._prefill([(0, Sequence(0, list(prefix), start=0, budget=0, generated=[]))], logits=False)
+            self.prefix_k = [k[0, :, : len(prefix)].clone() for k in self.k_cache]
+            self.prefix_v = [v[0, :, : len(prefix)].clone() for v in self.v_cache]
         self.prefix = list(prefix)
-        self.prefix_k = [k[0, :, : len(prefix)].clone() for k in self.k_cache]
-        self.prefix_v = [v[0, :, : len(prefix)].clone() for v in self.v_cache]
         self._write_prefix()
+
+    def prefix_state(self) -> dict[str, torch.Tensor]:
+        """The shared prefix's keys and values, to be given back to `set_prefix` by a later process."""
+        return {
+            **{f"k.{i}": k for i, k in enumerate(self.prefix_k)},
+            **{f"v.{i}": v for i, v in enumerate(self.prefix_v)},
+        }
 
     def _move(self, source: int, target: int, seq: Sequence) -> None:
         """Copy a running row's cache to a lower slot, keeping running rows packed.
@@ -293,8 +393,11 @@ class Engine:
         v = qkv[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim)
         return qk[:, :heads], qk[:, heads:], v
 
-    def _prefill(self, batch: list[tuple[int, Sequence]], logits: bool = True) -> torch.Tensor | None:
-        """Run the new tokens of each (slot, sequence) as one packed sequence.
+    def _prefill(
+        self, batch: list[tuple[int, Sequence]], logits: bool = True, pending: bool = False
+    ) -> torch.Tensor | None:
+        """Run the new tokens of each (slot, sequence) as one packed sequence: its prompt suffix, or with
+        `pending` the generated tokens not in the cache yet (a jump-forward step).
 
         Returns each sequence's last hidden state after the final norm (the lm_head's input; `_accept`
         decides which logits it needs), or None with `logits=False`.
@@ -302,12 +405,13 @@ class Engine:
         tokens, positions, slots = [], [], []
         spans = []  # (slot, first position, length, offset in the packed sequence)
         for slot, seq in batch:
-            start = seq.start
-            tokens += seq.suffix
-            positions += range(start, start + len(seq.suffix))
-            slots += [slot] * len(seq.suffix)
-            spans.append((slot, start, len(seq.suffix), len(tokens) - len(seq.suffix)))
-            seq.position = start + len(seq.suffix)
+            new = seq.generated[-seq.pending :] if pending else seq.suffix
+            start = seq.position if pending else seq.start
+            tokens += new
+            positions += range(start, start + len(new))
+            slots += [slot] * len(new)
+            spans.append((slot, start, len(new), len(tokens) - len(new)))
+            seq.position = start + len(new)
         token_ids, pos, slot_ids = torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots)
         if self.fused:
             h = self._fused_layers(token_ids, slot_ids, pos)
@@ -446,15 +550,22 @@ class Engine:
                 for slot, seq in batch:
                     self._admit(slot, seq)
                 hidden = self._prefill(batch)
+                self.steps[f"{sum(len(seq.suffix) for _, seq in batch)}"] += 1
                 if on_first_token is not None:
                     on_first_token()
                     on_first_token = None
                 running += admitted
                 self._accept(admitted, hidden, stopper)
+            elif any(seq.pending > 1 for seq in running):
+                # jump-forward: a forced run enters the cache in one multi-token step with the other rows' tokens
+                hidden = self._prefill(list(enumerate(running)), pending=True)
+                self.steps[f"{sum(seq.pending for seq in running)}"] += 1
+                self._accept(running, hidden, stopper)
             else:
                 tokens = torch.tensor([seq.generated[-1] for seq in running])
                 positions = torch.tensor([seq.position for seq in running])
                 hidden = self._decode_hidden(tokens, positions)
+                self.steps[f"{len(running)}"] += 1
                 for seq in running:
                     seq.position += 1
                 self._accept(running, hidden, stopper)
@@ -479,6 +590,7 @@ class Engine:
                 rows[seq.index].append(row)
 
         live = [i for i, c in enumerate(continuations) if c]
+        jump, self.jump_forward = self.jump_forward, False  # every position gets its own distribution
         if live:
             self.generate(
                 [prompts[i] for i in live],
@@ -489,7 +601,7 @@ class Engine:
                 budgets=[len(continuations[i]) for i in live],
                 observe=lambda seqs, hidden: observe([_Renumbered(s, live) for s in seqs], hidden),
             )
-        self._observe = None
+        self._observe, self.jump_forward = None, jump
         return [torch.stack(r) if r else torch.empty(0) for r in rows]
 
     def _accept(self, rows: list[Sequence], hidden: torch.Tensor, stopper: StopTokens) -> None:
@@ -506,6 +618,7 @@ class Engine:
         tokens = dict.fromkeys(range(len(rows)), 0)
         if free:
             logits = self.lm_head(hidden if len(free) == len(rows) else hidden[free], self.int8_x)
+            self.steps[f"head:{len(free)}"] += 1
             tokens.update(zip(free, logits.argmax(dim=-1).tolist()))
         for row, (seq, choices) in enumerate(zip(rows, allowed)):
             token = tokens[row]
@@ -519,10 +632,24 @@ class Engine:
                     ids = torch.as_tensor(choices)
                     token = int(ids[(hidden[row] @ self.lm_head.weight_t[:, ids]).argmax()])
             seq.generated.append(token)
-            if stopper.stops(seq.generated):
-                seq.done = True
-            elif len(seq.generated) >= seq.budget:
-                seq.done, seq.hit_budget = True, True
+            seq.pending = 1
+            self._stop_rules(seq, stopper)
+            # jump-forward: where the constraint allows a single next token, or a run of them, they are taken now
+            # and enter the cache together in the next step (SGLang's jump-forward decoding)
+            while self.jump_forward and not seq.done and seq.constraint is not None:
+                forced = seq.constraint.allowed(seq.generated)
+                if forced is None or len(forced) != 1:
+                    break
+                seq.generated.append(int(forced[0]))
+                seq.pending += 1
+                self._stop_rules(seq, stopper)
+
+    @staticmethod
+    def _stop_rules(seq: Sequence, stopper: StopTokens) -> None:
+        if stopper.stops(seq.generated):
+            seq.done = True
+        elif len(seq.generated) >= seq.budget:
+            seq.done, seq.hit_budget = True, True
 
     def _compact(self, running: list[Sequence], finished: list[Sequence]) -> list[Sequence]:
         """Drop finished rows; running rows above the new count move into the freed slots below it.
@@ -570,7 +697,9 @@ class StopTokens:
         self.candidates: set[int] = set()
         self.direct: set[int] = set()
         if self.stop:
-            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            from pipeline.tokens import token_texts
+
+            texts = token_texts(tokenizer)
             self.candidates = {i for i, text in enumerate(texts) if self.stop[-1] in text}
             self.direct = {i for i in self.candidates if self.stop in texts[i]}
 

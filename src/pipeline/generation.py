@@ -85,7 +85,9 @@ def _tokens_containing(tokenizer, char: str) -> torch.Tensor:
     """Boolean mask over the vocabulary: tokens whose decoded text contains `char`."""
     key = (id(tokenizer), char)
     if key not in _CANDIDATE_CACHE:
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        from pipeline.tokens import token_texts
+
+        texts = token_texts(tokenizer)
         _CANDIDATE_CACHE[key] = torch.tensor([char in text for text in texts])
     return _CANDIDATE_CACHE[key]
 

@@ -44,3 +44,15 @@ def rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return peak_rss_mb()
+
+
+def seconds_since_start() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    import time
+
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except (ImportError, OSError):
+        return float("nan")

@@ -164,16 +164,28 @@ def gguf_tokenizer(gguf: Path, cache_dir: Path):
 
 
 def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
-    """A safetensors folder with the dequantized weights of `gguf`, made once and cached."""
+    """A safetensors folder with the dequantized weights of `gguf`, made once and cached.
+
+    A Llama file of types the engine reads (F32, F16, Q4_1, Q8_0) is dequantized by pipeline.engine_weights
+    (the same values as transformers' GGUF loader, which a test checks, in a fraction of its 20 s); any other
+    file by transformers."""
     from transformers import AutoModelForCausalLM
+
+    from pipeline import engine_weights
 
     folder = _cache_folder(gguf, cache_dir) / "model"
     if not (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # the GGUF quantizer state refuses to save; the weights are plain fp32 by now
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        parsed = engine_weights.read_gguf(gguf)
+        if engine_weights.readable(parsed):
+            model = engine_weights.transformers_model(
+                parsed, engine_weights.llama_config(parsed), torch.float32, "sdpa"
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # the GGUF quantizer state refuses to save; the weights are plain fp32 by now
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
         _atomic_save(folder, model.save_pretrained)
     return folder
 
@@ -181,7 +193,7 @@ def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
 # engine formats (pipeline.engine.FORMATS) that store a source format without rounding it further: the q4
 # format is Q4_1's own (llama.cpp puts each block's min and max on q = 0 and 15, so re-packing finds the same
 # scale and minimum), q8 is Q8_0's; fp32 holds every format exactly
-EXACT_ENGINE_FORMATS = {"Q4_1": ("fp32", "q4", "q8"), "Q8_0": ("fp32", "q8")}
+EXACT_ENGINE_FORMATS = {"Q4_1": ("fp32", "q4"), "Q8_0": ("fp32", "q8")}
 # the engine keeps the output head in q8 in both the q4 and the q8 format
 _HEAD_FORMAT = {"q4": "q8", "q8": "q8", "fp32": "fp32"}
 
@@ -193,26 +205,12 @@ def exact_engine_formats(source_formats: dict[str, str]) -> tuple[str, ...]:
     return tuple(f for f in layers if _HEAD_FORMAT[f] in head)
 
 
-def gguf_formats(gguf: Path, cache_dir: Path) -> dict[str, str]:
+def gguf_formats(gguf: Path, cache_dir: Path | None = None) -> dict[str, str]:
     """The GGUF types of the layers' matrices and of the output head (the tied embedding when there is no
-    `output.weight`), cached beside the dequantized model: reading them parses the whole header (seconds)."""
-    file = _cache_folder(gguf, cache_dir) / "formats.json"
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError):
-        pass
-    import gguf as gguf_lib
+    `output.weight`), read from the file's tensor table (milliseconds)."""
+    from pipeline import engine_weights
 
-    reader = gguf_lib.GGUFReader(str(gguf))
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    layer_types = sorted({kind for name, kind in types.items() if name.startswith("blk.") and kind != "F32"})
-    formats = {
-        "layers": layer_types[0] if len(layer_types) == 1 else "+".join(layer_types) or "F32",
-        "output": types.get("output.weight", types.get("token_embd.weight", "")),
-    }
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(formats))
-    return formats
+    return engine_weights.source_formats(engine_weights.read_gguf(gguf))
 
 
 def safetensors_formats(folder: Path) -> dict[str, str]:

@@ -119,6 +119,9 @@ class StageResult:
     top1_agreement: float = float("nan")
     fidelity_tokens: int = 0
     fidelity_reference: str = ""
+    # the engine's layer passes during the stage by rows ("32": one pass of 32 rows) and its full lm_head products
+    # ("head:5"): the work a roofline is computed from (empty for other backends)
+    steps: dict[str, int] = field(default_factory=dict)
     # peak resident memory of the process during the stage (MiB), and torch's on a CUDA GPU
     peak_rss_mb: float = float("nan")
     peak_gpu_memory_mb: float = float("nan")
@@ -127,7 +130,8 @@ class StageResult:
     def metrics(self) -> dict[str, float]:
         """Numeric results keyed `<stage>/<name>` (booleans as 0/1); family accuracies `<stage>/accuracy/<family>`,
         template accuracies `<stage>/accuracy_by_template/<template>`, failure counts `<stage>/failures/<class>`."""
-        skip = {"name", "predictions", "accuracy_by_family", "accuracy_by_template", "failures", "fidelity_reference"}
+        skip = {"name", "predictions", "accuracy_by_family", "accuracy_by_template", "failures", "fidelity_reference",
+                "steps"}  # fmt: skip
         metrics = {
             f"{self.name}/{k}": float(v)
             for k, v in vars(self).items()
@@ -155,6 +159,8 @@ class RunResult:
     prefix_time_s: float = 0.0  # computing the shared prompt prefix's KV cache once
     peak_gpu_memory_mb: float = float("nan")  # CUDA only: the most memory torch held during the stages
     peak_rss_load_mb: float = float("nan")  # peak resident memory of the process while loading (MiB)
+    # seconds from the process's start (interpreter, imports, config) to a loaded, prefixed, warmed-up backend
+    ready_s: float = float("nan")
     # the null model's score beside each stage's accuracy: over how many questions, on which backend
     null_questions: int = 0
     null_backend: str = ""
@@ -173,8 +179,10 @@ class RunResult:
         }
         if self.peak_gpu_memory_mb == self.peak_gpu_memory_mb:  # not NaN: a CUDA run
             metrics["peak_gpu_memory_mb"] = self.peak_gpu_memory_mb
-        if self.peak_rss_load_mb == self.peak_rss_load_mb:
-            metrics["peak_rss_load_mb"] = self.peak_rss_load_mb
+        for name in ("peak_rss_load_mb", "ready_s"):
+            value = getattr(self, name)
+            if value == value:
+                metrics[name] = value
         for stage in self.stages:
             metrics.update(stage.metrics())
         return metrics

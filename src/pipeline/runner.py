@@ -65,6 +65,8 @@ def warm_up(generator: Backend, prompts: list[str], micro_batch_size: int, full:
     """One single and one batched call, so one-time costs (allocation, kernel choice, compilation) stay out of
     the stages. The longest prompts size the caches; `full` decodes the whole token budget in the batched
     call too (needed when compiling, where every new shape is a new compilation)."""
+    if hasattr(generator, "warm_up"):  # a backend that knows its own one-time costs (the engine)
+        return generator.warm_up(prompts, full)
     start = time.perf_counter()
     generator.generate(max(prompts, key=len))
     batch = sorted(prompts, key=len, reverse=True)[:micro_batch_size]
@@ -219,8 +221,11 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
     grad_context = torch.inference_mode if cfg.runtime.inference_mode else contextlib.nullcontext
     with grad_context():
         result.prefix_time_s, result.warmup_time_s = prepare_backend(generator, prompts, cfg, log)
+        result.ready_s = memory.seconds_since_start()
         postprocess = make_postprocess(cfg.prompt)
         constraint_for = make_constraint_for(cfg.prompt, generator.tokenizer)
+        if not getattr(generator, "applies_constraints", True):
+            constraint_for = None  # a backend that decodes freely whatever is asked (it warned at load): a free stage
         if constraint_for is not None and items:
             # the unit lexicon (pint's registry) loads on first use, 0.3 s: a set-up cost like loading the
             # model, counted in the warm-up rather than in the first question of the single stage
@@ -236,6 +241,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                         generator, items, prompts, cfg.dataset.tolerance, cfg.stages.single_budget_s, overhead_s,
                         postprocess, constraint_for,
                     ),
+                    generator,
                 )  # fmt: skip
                 _stage_done(result, stage, output_dir, log)
                 _after_stage(stage, generator, cfg, overhead_s, prompts, reference, result, output_dir, log)
@@ -251,6 +257,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
                         cfg.stages.micro_batch_size, overhead_s, postprocess=postprocess,
                         sort_by_length=cfg.stages.sort_by_length, constraint_for=constraint_for,
                     ),
+                    generator,
                 )  # fmt: skip
                 _stage_done(result, stage, output_dir, log)
                 _after_stage(stage, generator, cfg, overhead_s, prompts, reference, result, output_dir, log)
@@ -278,12 +285,17 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
     return result
 
 
-def _timed_stage(device: torch.device, run: Callable[[], StageResult]) -> StageResult:
-    """Run one stage with its own peak memory: the process's resident set (and torch's on a GPU)."""
+def _timed_stage(device: torch.device, run: Callable[[], StageResult], generator: Backend) -> StageResult:
+    """Run one stage with its own peak memory (the process's resident set, and torch's on a GPU) and, on the
+    engine, its count of layer passes by rows."""
     memory.reset_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    engine = getattr(generator, "engine", None)
+    before = dict(engine.steps) if engine is not None else {}
     stage = run()
+    if engine is not None:
+        stage.steps = {k: v - before.get(k, 0) for k, v in engine.steps.items() if v - before.get(k, 0)}
     stage.peak_rss_mb = memory.peak_rss_mb()
     if device.type == "cuda":
         stage.peak_gpu_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20

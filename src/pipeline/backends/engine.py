@@ -10,6 +10,7 @@ import torch
 from pipeline.backends import BackendInfo, ignored_settings
 from pipeline.config import Config
 from pipeline.engine import Constraint, Engine, EngineUnsupported, StopTokens
+from pipeline.engine_weights import load_tensors, save_tensors
 from pipeline.errors import PipelineError
 from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
 from pipeline.results import Generation
@@ -34,9 +35,10 @@ class EngineBackend:
     """The course API on the engine, continuously batched over `stages.micro_batch_size` slots."""
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        from pipeline import kernels
-        from pipeline.calibrate import Shapes, calibrate
-        from pipeline.models import exact_engine_formats, load_model, model_cache_dir, resolve_device
+        from pipeline import cpu, kernels
+        from pipeline.calibrate import calibrate
+        from pipeline.engine_weights import Source
+        from pipeline.models import exact_engine_formats, model_cache_dir, resolve_device
 
         gen = cfg.generation
         if gen.do_sample or gen.num_beams != 1:
@@ -54,14 +56,14 @@ class EngineBackend:
                 f"backend=engine computes in fp32 on the CPU; precision={cfg.precision.name} is not applied"
             )
         start = time.perf_counter()
-        loaded = load_model(cfg.model, device, torch.float32, "sdpa", cfg.runtime.seed)
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
+        self.source = Source(cfg.model, cfg.runtime.seed)
+        self.tokenizer, config = self.source.tokenizer, self.source.config
+        calibration = calibrate(config, model_cache_dir(cfg.model), log)
         kernel = kernels.describe()
         has_kernel = kernels.available()
-        exact = exact_engine_formats(loaded.source_formats)
+        exact = exact_engine_formats(self.source.formats)
         fmt = requested or calibration.engine_format(cfg.precision.activations != "fp32", exact)
-        source = "+".join(dict.fromkeys(loaded.source_formats.values())) or "unknown"
+        source = "+".join(dict.fromkeys(self.source.formats.values())) or "unknown"
         if requested in ("q4", "q8") and requested not in exact:
             self.warnings.append(
                 f"precision={cfg.precision.name}: the source weights are {source}, and {requested} rounds them "
@@ -85,15 +87,33 @@ class EngineBackend:
             self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
         elif activations == "int8" and not int8_x:
             self.warnings.append("precision.activations=int8 needs a kernel of ours; it is not applied here")
+        gemm = cfg.precision.gemm if cfg.precision.gemm != "auto" else calibration.gemm_dtype()
+        if gemm == "bf16" and rows == 0 and fmt != "fp32":
+            gemm = "fp32"  # no kernel: the eager path keeps fp32
+        if cfg.precision.gemm == "bf16" and not cpu.current().fast_bf16:
+            self.warnings.append(
+                f"precision.gemm=bf16 on CPU kind {cpu.current().kind}: bf16 GEMM is emulated here and slow"
+            )
+        if gemm == "bf16":
+            self.warnings.append(
+                "precision.gemm=bf16: products of more rows than our kernel's limit (prefills, batched steps) round "
+                "activations and weights to bf16 (measured faster here; lossy): see this run's KLD against fp32"
+            )
         described = "int8 activations for one row" if int8_x else "fp32 activations"
-        products = (
-            f"our kernel ({kernel}) up to {rows} rows, fp32 GEMM above" if rows else f"fp32 GEMM (kernel: {kernel})"
-        )
+        products = f"our kernel ({kernel}) up to {rows} rows, {gemm} GEMM above" if rows else f"fp32 GEMM ({kernel})"
         log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
-            self.engine = Engine(self.model, fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x)
+            state, packed_how = self.source.state(fmt, log)
+            self.engine = Engine(
+                config=config, state=state, fmt=fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x,
+                gemm_dtype=torch.bfloat16 if gemm == "bf16" else torch.float32,
+            )  # fmt: skip
+        # what the prefix's cached keys and values depend on besides the weights
+        self._numerics = f"{fmt}-{gemm}-{rows}-{kernels.isa()}"
+        jump = gen.jump_forward if gen.jump_forward is not None else calibration.jump_forward_pays(fmt)
+        self.engine.jump_forward = bool(jump)
         self.slots = cfg.stages.micro_batch_size
-        eos = self.model.generation_config.eos_token_id
+        eos = config.eos_token_id
         eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id}
         self.stopper = StopTokens(self.tokenizer, gen.stop_string, sorted(i for i in eos_ids if i is not None))
         self.use_prefix = gen.prefix_cache
@@ -105,15 +125,20 @@ class EngineBackend:
             weight_bytes=self.engine.weight_bytes(),
             device="cpu",
             attention="sdpa (engine)",
-            source=loaded.source,
+            source=self.source.description,
             load_time_s=time.perf_counter() - start,
             tags={
                 "engine_kernel_rows": str(rows),
+                **self.engine.work_shape(),
                 "kernel": kernel,
                 "source_formats": source,
+                "engine_weights": packed_how,
                 "activations": "int8" if int8_x else "fp32",
+                "gemm": gemm,
+                "jump_forward": str(bool(jump)).lower(),
                 "calibration": ", ".join(
-                    f"{name} {times['1']:.1f}/{times['32']:.0f} ms" for name, times in calibration.step_ms.items()
+                    f"{name} {times.get('1', float('nan')):.1f}/{times.get('32', float('nan')):.0f} ms"
+                    for name, times in calibration.step_ms.items()
                 ),
             },
         )
@@ -142,10 +167,27 @@ class EngineBackend:
             self.engine.set_prefix([])
             return 0.0
         start = time.perf_counter()
+        prefix = encoded[0][:length]
+        file = self.source.prefix_file(prefix, self._numerics) if self.source.parsed is not None else None
+        cached = load_tensors(file) if file is not None else None
         with torch.inference_mode():
             self.engine._ensure(self.slots, length + 64)
-            self.engine.set_prefix(encoded[0][:length])
-        self.prefix_ids = encoded[0][:length]
+            self.engine.set_prefix(prefix, cached)
+        if file is not None and cached is None:
+            save_tensors(file, self.engine.prefix_state())
+        self.prefix_ids = prefix
+        return time.perf_counter() - start
+
+    def warm_up(self, prompts: list[str], full: bool = False) -> float:
+        """What the stages' first calls would otherwise pay: the KV cache at its full size, a prefill and a one-row
+        step (kernel, int8 activations), and a batched prefill and step just past the kernel's rows (GEMM)."""
+        start = time.perf_counter()
+        longest = max(len(self.encode(p)) for p in prompts)
+        with torch.inference_mode():
+            self.engine._ensure(self.slots, longest + self.cfg.max_new_tokens + 1)
+        self.generate(max(prompts, key=len), max_new_tokens=None if full else 2)
+        rows = self.slots if full else min(self.slots, self.engine.max_kernel_rows + 1)
+        self.batched_generate(sorted(prompts, key=len, reverse=True)[:rows], max_new_tokens=None if full else 2)
         return time.perf_counter() - start
 
     def batched_generate(
@@ -198,6 +240,11 @@ class EngineBackend:
             for begin in range(0, len(prompts), size):
                 end = begin + size
                 yield from self.engine.teacher_forced(prompts[begin:end], continuations[begin:end], size)
+
+    @property
+    def model(self):
+        """The fp32 transformers model of the engine's source weights, loaded on first use."""
+        return self.source.transformers_model().model
 
     def loss_model(self):
         """The transformers model the engine took its weights from, in fp32."""

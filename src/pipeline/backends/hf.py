@@ -35,6 +35,10 @@ class TransformersBackend(Generator):
                 f"backend=transformers ignores precision.activations={cfg.precision.activations} "
                 "(it is the engine's single-row decoding option; backend=engine applies it)"
             )
+        for key, value, default in (("generation.jump_forward", cfg.generation.jump_forward, None),
+                                    ("precision.gemm", cfg.precision.gemm, "auto")):  # fmt: skip
+            if value not in (default, False):
+                self.warnings.append(f"backend=transformers ignores {key}={value} (an option of backend=engine)")
         if device.type == "cpu" and dtype == torch.float16:
             self.warnings.append(
                 "fp16 on this CPU is emulated and slow in batches; precision=bf16 or auto is faster here"
@@ -54,10 +58,10 @@ class TransformersBackend(Generator):
 
     def _apply_calibration(self, cfg: Config, dtype: torch.dtype, log: Callable[[str], None]) -> torch.dtype:
         """precision=auto takes the dtype measured faster here; an explicit one measured slower than fp32 warns."""
-        from pipeline.calibrate import Shapes, calibrate
+        from pipeline.calibrate import calibrate
         from pipeline.models import DTYPES, model_cache_dir
 
-        calibration = calibrate(Shapes.of(self.model.config), model_cache_dir(cfg.model), log)
+        calibration = calibrate(self.model.config, model_cache_dir(cfg.model), log)
         if cfg.precision.name == "auto":
             measured = DTYPES[calibration.transformers_dtype()]
             if measured != dtype:

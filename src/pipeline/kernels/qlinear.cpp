@@ -239,9 +239,15 @@ inline __m256i q4_values(const uint8_t* bytes) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
 }
 
-// Sums of products of 32 unsigned bytes and 32 signed bytes, as 8 int32 lanes turned float.
+// Sums of products of 32 unsigned bytes and 32 signed bytes, as 8 int32 lanes turned float. With AVX512-VNNI
+// one vpdpbusd does it; maddubs' int16 sums cannot saturate here (at most 2 * 15 * 127 for q4 and 2 * 127 * 127
+// for q8), so both give the same integers.
 inline __m256 dot32(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#else
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 
 template <int C>
@@ -397,6 +403,46 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 
+// The packed weights back in fp32 [N, K], as the kernels themselves unpack them (block() of each format):
+// what the engine's fp32 GEMM path multiplies, made in milliseconds at load instead of seconds of torch ops.
+template <typename W>
+void unpack_rows(const W& w, int64_t N, int64_t K, float* out) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    __m256 v[4];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t b = 0; b < K / kBlock; ++b) {
+        w.block(n, b, v);
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + n * K + b * kBlock + 8 * j, v[j]);
+      }
+    }
+  });
+}
+
+at::Tensor q4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins) {
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 && qweight.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.is_contiguous() && mins.sizes() == scales.sizes() &&
+                  mins.scalar_type() == at::kFloat && mins.is_contiguous() && scales.size(0) == qweight.size(0) &&
+                  scales.size(1) * kBlock == 2 * qweight.size(1),
+              "q4_dequantize: expected uint8 [N, K/2] with float32 scales and mins [N, K/32]");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  at::Tensor out = at::empty({N, K}, scales.options());
+  const Q4Weights w{qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), K, K / kBlock};
+  unpack_rows(w, N, K, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor q8_dequantize(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.size(0) == qweight.size(0) &&
+                  scales.size(1) * kBlock == qweight.size(1),
+              "q8_dequantize: expected int8 [N, K] with float32 scales [N, K/32]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  at::Tensor out = at::empty({N, K}, scales.options());
+  const Q8Weights w{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), K, K / kBlock};
+  unpack_rows(w, N, K, out.data_ptr<float>());
+  return out;
+}
+
 // ------------------------------------------------------------------ one decoder layer, fused
 
 // The engine's decode step in eager PyTorch spends more time between operators (about 20 of them per
@@ -414,7 +460,12 @@ struct Packed {
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
     if (M > gemm_above) {
       at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
-      at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat), wt);
+      const at::Tensor in = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
+      if (wt.scalar_type() == at::kBFloat16) {
+        out.copy_(at::mm(in.to(at::kBFloat16), wt));  // bf16 GEMM where the CPU does it natively (calibrated)
+      } else {
+        at::mm_out(out, in, wt);
+      }
     } else if (m.defined()) {
       const Q4Weights w{q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), K, K / kBlock};
       run(w, x, M, N, K, y, 0.5 + 8.0 / kBlock, int8_x);
@@ -447,9 +498,9 @@ Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K,
   p.K = K;
   TORCH_CHECK(i < weights.size(), "decoder_layer: ", name, " needs its fp32 weight [K, N] after the packed one");
   p.wt = weights[i++];
-  TORCH_CHECK(p.wt.scalar_type() == at::kFloat && p.wt.is_contiguous() && p.wt.dim() == 2 && p.wt.size(0) == K &&
-                  p.wt.size(1) == p.N,
-              name, ": the fp32 weight must be contiguous float32 [K, N] = [", K, ", ", p.N, "], got ",
+  TORCH_CHECK((p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16) && p.wt.is_contiguous() &&
+                  p.wt.dim() == 2 && p.wt.size(0) == K && p.wt.size(1) == p.N,
+              name, ": the GEMM weight must be contiguous float32 or bfloat16 [K, N] = [", K, ", ", p.N, "], got ",
               p.wt.scalar_type(), " ", p.wt.sizes());
   p.gemm_above = gemm_above;
   return p;
@@ -677,6 +728,8 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
 PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, bool int8_x=False) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, bool int8_x=False) -> Tensor");
+  m.def("q4_dequantize(Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("q8_dequantize(Tensor qweight, Tensor scales) -> Tensor");
   m.def(
       "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
       "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
@@ -686,5 +739,7 @@ PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
 PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
+  m.impl("q4_dequantize", &q4_dequantize);
+  m.impl("q8_dequantize", &q8_dequantize);
   m.impl("decoder_layer", &decoder_layer);
 }
