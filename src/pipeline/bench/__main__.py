@@ -1,0 +1,5 @@
+"""python -m pipeline.bench"""
+
+from pipeline.bench.main import main
+
+main()
