@@ -180,16 +180,25 @@ def test_adapter_on_the_embedded_model_keeps_the_loss_below_zero_points(monkeypa
     from pipeline.course import OVERRIDES_ENV, BaseLLM
     from pipeline.data import load_items
     from pipeline.grader import ZERO_POINTS_LOSS, grader_loss
-    from pipeline.tool import candidate_forms
+    from pipeline.runner import make_constraint_for
 
     monkeypatch.delenv(OVERRIDES_ENV, raising=False)
     llm = BaseLLM(["runtime.warmup=false"])  # the default config but for the warm-up, which only costs time here
     questions = [item.question for item in load_items()[:32]]
     outputs = llm.batched_generate(questions)
     assert sum("<answer>" in text for text in outputs) >= 28
-    # decoded under the default tool prompt's constraint, as run.py's stages are: each form is one it allows
-    forms = {q: candidate_forms(q) for q in questions}
-    assert all(text.split("<answer>")[0].strip() in forms[q] for q, text in zip(questions, outputs) if forms[q])
+    # decoded under the default tool prompt's constraint, as run.py's stages are: every token of each form is one
+    # the constraint allowed at its step
+    constraint_for = make_constraint_for(llm.cfg.prompt, llm.tokenizer)
+    constrained = 0
+    for question, text in zip(questions, outputs):
+        constraint = constraint_for(question)
+        if constraint is None:
+            continue
+        ids = llm.tokenizer(text.split("\n")[0] + "\n", add_special_tokens=False)["input_ids"]
+        assert all(ids[t] in constraint.allowed(ids[:t]) for t in range(len(ids))), text
+        constrained += 1
+    assert constrained >= 28
     assert llm.generate(questions[0]) == outputs[0]
     texts = [q + a for q, a in zip(questions, outputs)]
     assert llm.tokenizer.padding_side == "right"

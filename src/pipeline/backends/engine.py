@@ -88,8 +88,8 @@ class EngineBackend:
         elif activations == "int8" and not int8_x:
             self.warnings.append("precision.activations=int8 needs a kernel of ours; it is not applied here")
         gemm = cfg.precision.gemm if cfg.precision.gemm != "auto" else calibration.gemm_dtype()
-        if gemm == "bf16" and rows == 0 and fmt != "fp32":
-            gemm = "fp32"  # no kernel: the eager path keeps fp32
+        if gemm == "bf16" and (rows == 0 or fmt == "fp32"):
+            gemm = "fp32"  # fp32 weights stay exact, and without a kernel the eager path keeps fp32
         if cfg.precision.gemm == "bf16" and not cpu.current().fast_bf16:
             self.warnings.append(
                 f"precision.gemm=bf16 on CPU kind {cpu.current().kind}: bf16 GEMM is emulated here and slow"
