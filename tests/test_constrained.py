@@ -203,18 +203,33 @@ def test_lexicon_paths_are_the_canonical_tokenization_of_their_text(tokenizer, q
     assert form is not None and resolve_unit(form.source) is not None and resolve_unit(form.target) is not None
 
 
-def test_the_lexicon_offers_every_unit_not_the_questions(tokenizer):
-    """After the number, the model may write any of hundreds of units: nothing is forced but the number."""
+def test_the_lexicon_offers_every_target_unit_not_the_questions(tokenizer):
+    """After the number, a spelling of its own unit (the question wrote it); after the arrow, any of hundreds of
+    units: the model chooses which unit is asked for."""
+    from pipeline.units import unit_key
+
     question = "How many grams are in 7 kg?"
     constraint = form_constraint(question, tokenizer)
     seven = tokenizer("7", add_special_tokens=False)["input_ids"]
     assert constraint.allowed([]) == seven[:1]
-    assert len(constraint.allowed(seven)) > 300
-    written = tokenizer("7 furlongs -> fortnights", add_special_tokens=False)["input_ids"]
+    sources = {tokenizer.decode(_walk_first(constraint, seven, tokenizer))}
+    assert sources and all(unit_key(s.strip()) == unit_key("kg") for s in sources)
+    arrow = tokenizer("7 kg ->", add_special_tokens=False)["input_ids"]
+    assert len(constraint.allowed(arrow)) > 300
+    written = tokenizer("7 kg -> fortnights", add_special_tokens=False)["input_ids"]
     assert set(constraint.allowed(written)) == {*tokenizer(STOP_TEXT)["input_ids"], tokenizer.eos_token_id}
+    assert constraint.allowed(tokenizer("7 furlongs", add_special_tokens=False)["input_ids"]) == []
     assert len(lexicon_atoms()) > 1500 and all(resolve_unit(atom) is not None for atom in lexicon_atoms())
-    _, _, failure = solve("7 furlongs -> fortnights", question)
+    _, _, failure = solve("7 kg -> fortnights", question)
     assert failure == "unknown_unit"  # a path the grammar allows, and no answer: not the question's units
+
+
+def _walk_first(constraint, prefix: list[int], tokenizer) -> list[int]:
+    """The source unit after `prefix` taken token by token (the first allowed each time) up to the arrow."""
+    generated, arrow = list(prefix), tokenizer(" ->", add_special_tokens=False)["input_ids"][0]
+    while (allowed := constraint.allowed(generated)) and arrow not in allowed:
+        generated.append(allowed[0])
+    return generated[len(prefix) :]
 
 
 NOTATIONS = [  # (how a value may be written, the value): the reader must take the whole of it

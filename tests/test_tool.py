@@ -380,7 +380,10 @@ def test_pin_source_selects_the_question_limited_constraint(tokenizer):
     text = tokenizer.decode(_walk(pinned, lambda allowed: allowed[0]))
     assert text == "7 kg -> grams" + STOP_TEXT  # the only form
     lexicon = form_constraint(question, tokenizer, pin_source=False)
-    assert len(lexicon.allowed(tokenizer("7", add_special_tokens=False)["input_ids"])) > 100  # any unit
+    # after "7", a spelling of its own unit (kg, kilograms, ...); after "7 kg ->", any of the lexicon's units
+    sources = lexicon.allowed(tokenizer("7", add_special_tokens=False)["input_ids"])
+    assert 2 <= len(sources) < 20 and " kg" in tokenizer.batch_decode([[i] for i in sources])
+    assert len(lexicon.allowed(tokenizer("7 kg ->", add_special_tokens=False)["input_ids"])) > 100
 
 
 def _walk(constraint, choose) -> list[int]:

@@ -195,11 +195,12 @@ class PromptConfig:
     # what this prompt asks of generation where generation leaves it unset (null: no request)
     max_new_tokens: int | None = None
     stop_string: str | None = None
-    # style=tool: decode only forms `NUMBER SOURCE -> TARGET` built from the question's numbers and units
+    # style=tool: decode only forms `NUMBER SOURCE -> TARGET`: one of the question's complete quantities, a
+    # spelling of its own unit where the question writes one, then any unit of the lexicon (pipeline.constraint)
     constrained: bool = False
-    # with constrained: a number the question writes with its unit ("57.85 yrs") keeps that unit as SOURCE
-    # (false: the model decides which unit is which in every question)
-    pin_source: bool = True
+    # with constrained: true is the question-limited constraint instead, forms built only from the question's own
+    # unit strings (most questions then have one form, which random weights write as well as the model)
+    pin_source: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("prompt.style", self.style, PROMPT_STYLES)

@@ -179,7 +179,9 @@ def question_forms_constraint(question: str, tokenizer, pin_source: bool = True)
 # segments of the grammar; a unit is [power word] atom [power] [(/ | per) atom [power]], or one of
 # the question's own spellings, once for SOURCE (followed by the arrow) and once for TARGET (by the stop)
 NUMBER = 0
-_UNIT_SEGMENTS = ("power_word", "atom", "dotted", "power", "slash", "per", "after_slash", "after_per", "power2", "own")
+_UNIT_SEGMENTS = (
+    "power_word", "atom", "dotted", "power", "slash", "per", "after_slash", "after_per", "power2", "own", "offset",
+)  # fmt: skip
 
 
 def _unit_graph(base: int, after: int) -> dict[int, tuple[int, ...]]:
@@ -195,6 +197,7 @@ def _unit_graph(base: int, after: int) -> dict[int, tuple[int, ...]]:
         s["after_per"]: (s["power2"], after),
         s["power2"]: (after,),
         s["own"]: (after,),
+        s["offset"]: (after,),  # °C, °F: no power or ratio of a temperature reads as a unit
     }
 
 
@@ -202,7 +205,11 @@ _SOURCE = 1
 _ARROW = _SOURCE + len(_UNIT_SEGMENTS)
 _TARGET = _ARROW + 1
 _STOP = _TARGET + len(_UNIT_SEGMENTS)
-_ENTRY = ("power_word", "atom", "dotted", "own")
+# a quantity the question writes with its unit: its number and then a spelling of that very unit (the question's
+# own, or any of the lexicon's for the same unit), then the arrow. The model still writes the source, but cannot
+# put another unit there; which unit is asked for (the target) stays its choice among every spelling
+_NUMBER_WITH_UNIT = _STOP + 1
+_ENTRY = ("power_word", "atom", "dotted", "own", "offset")
 
 
 @lru_cache(maxsize=4)
@@ -215,13 +222,14 @@ def successors(ratios: bool = True, powers: bool = True) -> list[tuple[int, ...]
     graph[_ARROW] = tuple(_TARGET + _UNIT_SEGMENTS.index(n) for n in _ENTRY)
     graph |= _unit_graph(_TARGET, _STOP)
     graph[_STOP] = ()
+    graph[_NUMBER_WITH_UNIT] = (_ARROW,)
     dropped = set()
     for base in (_SOURCE, _TARGET):
         if not ratios:
             dropped |= {base + _UNIT_SEGMENTS.index(n) for n in ("slash", "per")}
         if not powers:
             dropped |= {base + _UNIT_SEGMENTS.index(n) for n in ("power_word", "power", "power2")}
-    return [tuple(s for s in graph[i] if s not in dropped) for i in range(_STOP + 1)]
+    return [tuple(s for s in graph[i] if s not in dropped) for i in range(_NUMBER_WITH_UNIT + 1)]
 
 
 def _shapes(mentions) -> tuple[bool, bool]:
@@ -263,9 +271,11 @@ def _encode(tokenizer, pieces) -> list[list[int]]:
 
 
 def _build_tries(tokenizer) -> list[Node | None]:
-    from pipeline.units import lexicon_atoms
+    from pipeline.units import is_offset, lexicon_atoms
 
     atoms = lexicon_atoms()
+    offset = [a for a in atoms if is_offset(a)]
+    atoms = [a for a in atoms if not is_offset(a)]
     plain = [a for a in atoms if not a.endswith(".")]
     dotted = [a for a in atoms if a.endswith(".")]
     after_slash = [a for a in plain if a[0].isalpha()]  # "/°C" would merge into one pre-token
@@ -279,6 +289,7 @@ def _build_tries(tokenizer) -> list[Node | None]:
         "after_slash": trie(_encode(tokenizer, after_slash)),
         "power2": trie(_encode(tokenizer, POWER_PIECES)),
         "own": None,
+        "offset": trie(_encode(tokenizer, (" " + a for a in offset))),
     }
     unit["after_per"] = unit["atom"]
     segments: list[Node | None] = [None]
@@ -306,14 +317,48 @@ def lexicon_constraint(question: str, tokenizer) -> FormConstraint | None:
     reading = read(question)
     if not reading.quantities:
         return None
-    numbers = quantity_texts(question)
+    from pipeline.solver import _from_to
+
+    # "Convert from acres to square yards for 87 units": the unit written first is the quantity's, as the solver
+    # reads it; a number without such a unit leaves the model to say which unit is which
+    apart = reading.free[0] if _from_to(reading, question) is not None else None
+    bare, with_unit = [], []
+    for quantity in reading.quantities:
+        texts, unit = _texts(quantity), quantity.unit or apart
+        if unit is None:
+            bare += texts
+        else:
+            with_unit += [text + source for text in texts for source in source_spellings(unit)]
     spellings = list(dict.fromkeys(" " + s for m in reading.mentions for s in (m.spelling, m.written) if s))
     segments = list(lexicon_tries(tokenizer))
-    segments[NUMBER] = trie(_encode(tokenizer, numbers))
+    segments[NUMBER] = trie(_encode(tokenizer, dict.fromkeys(bare)))
     own = trie(_encode(tokenizer, spellings))
     for segment in _own_segments():
         segments[segment] = own
-    return FormConstraint(segments=segments, successors=successors(*_shapes(reading.mentions)))
+    segments.append(trie(_encode(tokenizer, dict.fromkeys(with_unit))))
+    return FormConstraint(
+        segments=segments, successors=successors(*_shapes(reading.mentions)), start=(NUMBER, _NUMBER_WITH_UNIT)
+    )
+
+
+@lru_cache(maxsize=1)
+def _atoms_by_unit() -> dict[str, tuple[str, ...]]:
+    from pipeline.units import lexicon_atoms, unit_key
+
+    by: dict[str, list[str]] = {}
+    for atom in lexicon_atoms():
+        by.setdefault(unit_key(atom), []).append(atom)
+    return {key: tuple(atoms) for key, atoms in by.items() if key}
+
+
+def source_spellings(mention) -> list[str]:
+    """The pieces that may follow a quantity's number as its SOURCE: the question's own spellings of its unit
+    and every lexicon spelling of the same unit (" kg", " kilograms", ...), each after its space."""
+    from pipeline.units import unit_key
+
+    own = [s for s in (mention.spelling, mention.written) if s]
+    same = _atoms_by_unit().get(unit_key(mention.spelling) or "", ())
+    return list(dict.fromkeys(" " + s for s in (*own, *same)))
 
 
 def form_constraint(question: str, tokenizer, pin_source: bool = False) -> FormConstraint | None:
@@ -327,15 +372,18 @@ def form_constraint(question: str, tokenizer, pin_source: bool = False) -> FormC
 def quantity_texts(question: str) -> list[str]:
     """The numbers the lexicon grammar lets the model write for `question`: each quantity's value in
     digits (2.25), and as the question writes it where that reads back to the same value (2 1/4, 2,5, seven)."""
-    texts = []
-    for quantity in read(question).quantities:
-        texts.append(render(quantity.value))
-        written = quantity.written.strip()
-        if written and written != texts[-1]:
-            back = leading_number(written)
-            if back and back[1] == len(written) and math.isclose(back[0], quantity.value, rel_tol=1e-9):
-                texts.append(written)
-    return list(dict.fromkeys(texts))
+    return list(dict.fromkeys(text for quantity in read(question).quantities for text in _texts(quantity)))
+
+
+def _texts(quantity: Quantity) -> list[str]:
+    """One quantity's number in digits, and as the question writes it where that reads back to the same value."""
+    texts = [render(quantity.value)]
+    written = quantity.written.strip()
+    if written and written != texts[0]:
+        back = leading_number(written)
+        if back and back[1] == len(written) and math.isclose(back[0], quantity.value, rel_tol=1e-9):
+            texts.append(written)
+    return texts
 
 
 __all__ = ["FormConstraint", "Quantity", "STOP_TEXT", "candidate_forms", "form_constraint", "lexicon_constraint"]

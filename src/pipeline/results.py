@@ -51,8 +51,9 @@ class Prediction:
     num_tokens: int
     form: str = ""  # the tool strategy's parsed `QUANTITY SOURCE -> TARGET`, else empty
     hit_budget: bool = False
-    # why the answer is wrong or missing ('' when correct): the tool strategy's class (no_form, unknown_unit,
-    # quantity_not_in_question, grounding_changed_unit, wrong_conversion), else no_answer or wrong_answer
+    # why the answer is wrong or missing ('' when correct): the tool strategy's class (no_form, ambiguous_quantity,
+    # unknown_unit, quantity_not_in_question, source_not_quantity_unit, target_not_asked, wrong_conversion), else
+    # no_answer or wrong_answer
     failure: str = ""
     # true when the constraint fully determined this output (no step had more than one allowed token)
     forced: bool = False
