@@ -219,7 +219,7 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
     run_dir = tmp_path / "run"
     # transformers, one prompt per batch: a batched stage of seconds (the engine does these 160 in under one)
     command = [
-        sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=160",
+        sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=480",
         "stages.micro_batch_size=1", "stages.grader_loss=false", "stages.fidelity=false", "stages.null_model=false",
         "runtime.warmup=false", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
@@ -230,7 +230,7 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
         if results.is_file() and "single" in json.loads(results.read_text())["stages"]:
             break
         time.sleep(0.2)
-    time.sleep(1.0)  # into the batched stage
+    time.sleep(0.5)  # into the batched stage (480 one-prompt batches: seconds)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -238,10 +238,10 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
 
     saved = json.loads(results.read_text())
     assert saved["status"] == "killed"
-    assert saved["stages"]["single"]["complete"] and saved["stages"]["single"]["num_questions"] == 160
-    assert not saved["stages"]["batched"]["complete"] and saved["stages"]["batched"]["num_questions"] < 160
+    assert saved["stages"]["single"]["complete"] and saved["stages"]["single"]["num_questions"] == 480
+    assert not saved["stages"]["batched"]["complete"] and saved["stages"]["batched"]["num_questions"] < 480
     lines = (run_dir / "predictions.csv").read_text().count("\nsingle,")
-    assert lines == 160
+    assert lines == 480
 
     db = tmp_path / "mlflow.db"
     runs = _runs(db)
