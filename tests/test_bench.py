@@ -83,7 +83,7 @@ def test_all_targets_judge_accuracy_ready_times_and_the_best_free_peer():
         "ctranslate2-free": [_sample(9.0, 6.0), _sample(9.5, 6.2), _sample(9.1, 6.1)],
     }
     accuracy = {"default": {"shipped": (250, 256, 5, 256), "holdout": (230, 256, 40, 256)}}
-    ready = {"warm": [0.9, 0.95], "cold": [12.0, 12.5, 13.0]}
+    ready = {"warm": [0.9, 0.95], "installed": [12.0, 12.5, 13.0], "cold": [20.0]}
     found = all_targets(rows, accuracy, ready, MACHINE, {})
     by = {t.what: t for t in found}
     assert by["null model at most 0.10 on the shipped set (default config)"].verdict == "met"
@@ -145,5 +145,5 @@ def test_quick_bench_end_to_end_on_the_tiny_model(tmp_path):
           "--out", str(out)])  # fmt: skip
     text = out.read_text()
     assert "| default | constrained |" in text and "| default-free | free |" in text
-    assert "| default (the default strategy) | shipped |" in text and "cold (empty model cache" in text
+    assert "| default (the default strategy) | shipped |" in text and "the first process after install" in text
     assert "## Targets" in text and "warm process ready" in text

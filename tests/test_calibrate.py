@@ -93,6 +93,8 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
     assert set(step_ms) == set(candidates())
     for name, times in step_ms.items():
         expected = {"1"} if name.endswith("x8") else {str(r) for r in ROWS}
+        if name.startswith("engine:gemm"):
+            expected = {str(r) for r in ROWS[1:]}  # one row is always our kernel's
         assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name
         assert all(value >= 1.0 for value in spread[name].values())
 
@@ -112,7 +114,7 @@ def test_a_noisy_calibration_is_measured_again_and_never_cached(tmp_path, monkey
     process only (the first result used to be cached for good)."""
     calls = []
 
-    def noisy(config, reps=5):
+    def noisy(config, reps=5, backend=None):
         calls.append(1)
         return {"engine:fp32": {"1": 10.0}}, {"engine:fp32": {"1": 3.0}}
 

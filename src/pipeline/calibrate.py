@@ -35,7 +35,7 @@ import torch.nn.functional as F
 ROWS = (1, 8, 32)  # rows of a step measured; 1 is single-stream decoding, 32 a full batched step
 # the default stages' decode steps: 32 questions of ~7 one-row steps, ~20 steps of the batched stage
 MIX = {1: 224, 32: 20}
-REPS = 5
+REPS = 3  # interleaved rounds: the median of three, and their spread
 NOISY = 1.5  # a median spread of repetitions (max / min) above this means a busy machine: measure again
 GEMM_GAIN = 1.1  # bf16 GEMM rounds activations and weights: taken only for a clear gain
 MAX_ROUND_S = 20.0  # a calibration round slower than this is not repeated
@@ -242,10 +242,31 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
         return run
 
     engines = []
-    for fmt in formats:
-        engine = Engine(config=config, state=_random_state(config, fmt, shared, generator), fmt=fmt, slots=32)
-        engine._ensure(32, position + 64)
+
+    def ready(engine: Engine) -> Engine:
+        """One KV cache for every engine measured (its contents do not change a step's time; five would be
+        2.4 GB to allocate)."""
+        if engines:
+            first = engines[0]
+            engine.k_cache, engine.v_cache, engine.slots, engine.capacity = (
+                first.k_cache,
+                first.v_cache,
+                32,
+                first.capacity,
+            )
+            engine.rotations, engine.rotations_real, engine.prefix_ok = (
+                first.rotations,
+                first.rotations_real,
+                first.prefix_ok,
+            )
+        else:
+            engine._ensure(32, position + 64)
         engines.append(engine)
+        return engine
+
+    states = {fmt: _random_state(config, fmt, shared, generator) for fmt in formats}
+    for fmt in formats:
+        engine = ready(Engine(config=config, state=states[fmt], fmt=fmt))
         for rows in ROWS:
             tasks.append((f"engine:{fmt}", rows, step(engine, rows, False, 64)))
         if fmt != "fp32":
@@ -253,13 +274,8 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
     if kernels.available():
         gemms = [("gemm", torch.float32)] + ([("gemm_bf16", torch.bfloat16)] if cpu.current().fast_bf16 else [])
         for name, dtype in gemms:
-            engine = Engine(
-                config=config, state=_random_state(config, "q8", shared, generator), fmt="q8", slots=32,
-                gemm_dtype=dtype,
-            )  # fmt: skip
-            engine._ensure(32, position + 64)
-            engines.append(engine)
-            for rows in ROWS:
+            engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))
+            for rows in ROWS[1:]:  # one row is our kernel's, always
                 tasks.append((f"engine:{name}", rows, step(engine, rows, False, 0)))
     return tasks
 
@@ -313,21 +329,33 @@ def _aten_int8(weight: torch.Tensor):
     return lambda x: torch.ops.aten._weight_int8pack_mm(x, quantized, by_dtype[x.dtype])
 
 
-def candidates() -> list[str]:
-    """The candidates measured here (the engine's q4/q8 and its GEMM steps only where our kernel runs)."""
+BACKENDS = ("engine", "transformers")  # each measures only its own candidates, cached on its own
+
+
+def candidates(backend: str | None = None) -> list[str]:
+    """The candidates measured for `backend` (None: both): the engine's q4/q8 and its GEMM steps only where our
+    kernel runs, transformers' fp32, bf16 and int8."""
     from pipeline import cpu, kernels
 
     engine = ["fp32", *(("q8", "q4", f"q8{X8}", f"q4{X8}", "gemm") if kernels.available() else ())]
     if kernels.available() and cpu.current().fast_bf16:
         engine.append("gemm_bf16")
-    return [f"engine:{f}" for f in engine] + [f"transformers:{f}" for f in ("fp32", "bf16", "int8")]
+    names = {
+        "engine": [f"engine:{f}" for f in engine],
+        "transformers": [f"transformers:{f}" for f in ("fp32", "bf16", "int8")],
+    }
+    return [name for b in ([backend] if backend else BACKENDS) for name in names[b]]
 
 
-def measure(config, reps: int = REPS) -> tuple[dict, dict]:
-    """(median ms, spread) of every candidate at every row count it is measured at."""
+def measure(config, reps: int = REPS, backend: str | None = None) -> tuple[dict, dict]:
+    """(median ms, spread) of every candidate of `backend` (None: both) at every row count it is measured at."""
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        tasks = engine_tasks(config, generator) + transformers_tasks(Shapes.of(config), generator)
+        tasks = []
+        if backend in (None, "engine"):
+            tasks += engine_tasks(config, generator)
+        if backend in (None, "transformers"):
+            tasks += transformers_tasks(Shapes.of(config), generator)
         return _interleaved(tasks, reps)
 
 
@@ -351,13 +379,13 @@ def machine_key(shapes: Shapes, names: list[str]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def calibrate(config, cache_dir: Path, log=print) -> Calibration:
+def calibrate(config, cache_dir: Path, log=print, backend: str = "engine") -> Calibration:
     """The cached calibration for this machine and model shape (a transformers config), measured now if there
     is none: again when its repetitions spread widely, and then, if still noisy, not cached."""
     from pipeline.environment import cpuinfo_field
 
     shapes = Shapes.of(config)
-    names = candidates()
+    names = candidates(backend)
     key = machine_key(shapes, names)
     file = cache_dir / "calibration" / f"{key}.json"
     if file.is_file():
@@ -369,7 +397,7 @@ def calibrate(config, cache_dir: Path, log=print) -> Calibration:
     start = time.perf_counter()
     for _attempt in range(2):
         round_start = time.perf_counter()
-        step_ms, spread = measure(config)
+        step_ms, spread = measure(config, backend=backend)
         result = Calibration(step_ms, cpuinfo_field("model name") or platform.machine(), 0.0, spread)
         if result.median_spread() <= NOISY or time.perf_counter() - round_start > MAX_ROUND_S:
             break  # a round this slow means a loaded machine that another round will not see idle

@@ -12,6 +12,7 @@ the tokenizer's business), in milliseconds where gguf-py's reader maps every arr
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -318,6 +319,13 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
+def _save_quietly(file: Path, state: dict[str, torch.Tensor], config) -> None:
+    try:
+        save_state(file, state, config)
+    except OSError:  # a full or read-only disk: the next process packs again
+        pass
+
+
 def save_state(file: Path, state: dict[str, torch.Tensor], config) -> None:
     """Write the state and its config atomically (a parallel job may write the same file)."""
     from safetensors.torch import save_file
@@ -403,8 +411,7 @@ class Source:
         if cached is not None:
             return cached[1], f"cached ({file.name})"
         state = state_from_gguf(self.parsed, self.config, fmt)
-        try:
-            save_state(file, state, self.config)
-        except OSError as error:  # a full or read-only disk: the next process packs again
-            log(f"engine: could not cache the packed weights in {file.parent} ({error})")
+        # written when the process ends (a second of disk writes, kept out of the ready time and the stages; a
+        # process killed before then only leaves the next one to pack again)
+        atexit.register(_save_quietly, file, state, self.config)
         return state, "read from the GGUF blocks"

@@ -17,12 +17,11 @@ from transformers import (
 from transformers.generation import utils as _generation_utils
 
 from pipeline.config import GenerationConfig
+from pipeline.prefix import MIN_PREFIX_TOKENS, shared_prefix_length
 from pipeline.results import Generation
 
 # transformers 5.x renames generate's `past_key_values` to `cache`; use what the installed version takes
 CACHE_KWARG = "cache" if "cache" in getattr(_generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-# below this many shared tokens, copying a cache costs more than recomputing it
-MIN_PREFIX_TOKENS = 16
 
 
 class StopAtText(StoppingCriteria):
@@ -90,15 +89,6 @@ def _tokens_containing(tokenizer, char: str) -> torch.Tensor:
         texts = token_texts(tokenizer)
         _CANDIDATE_CACHE[key] = torch.tensor([char in text for text in texts])
     return _CANDIDATE_CACHE[key]
-
-
-def shared_prefix_length(encoded: list[list[int]]) -> int:
-    """How many leading tokens all token lists share, leaving every list at least one token of its own."""
-    length = min(len(ids) for ids in encoded) - 1
-    for position in range(max(length, 0)):
-        if any(ids[position] != encoded[0][position] for ids in encoded):
-            return position
-    return max(length, 0)
 
 
 def _length_to_eos(tokens: torch.Tensor, eos_ids: list[int]) -> int | None:

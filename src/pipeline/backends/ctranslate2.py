@@ -183,7 +183,7 @@ class CTranslate2Backend:
 
     def set_shared_prefix(self, prompts: list[str]) -> float:
         """The shared prefix becomes CTranslate2's `static_prompt`: its state is computed on first use and cached."""
-        from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
+        from pipeline.prefix import MIN_PREFIX_TOKENS, shared_prefix_length
 
         self.prefix_ids = []
         if not self.use_prefix or not prompts:

@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.engine import Constraint, Engine, EngineUnsupported, StopTokens
 from pipeline.engine_weights import load_tensors, save_tensors
 from pipeline.errors import PipelineError
-from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
+from pipeline.prefix import MIN_PREFIX_TOKENS, shared_prefix_length
 from pipeline.results import Generation
 
 __all__ = ["EngineBackend", "EngineUnsupported", "weight_format_for"]

@@ -61,7 +61,7 @@ class TransformersBackend(Generator):
         from pipeline.calibrate import calibrate
         from pipeline.models import DTYPES, model_cache_dir
 
-        calibration = calibrate(self.model.config, model_cache_dir(cfg.model), log)
+        calibration = calibrate(self.model.config, model_cache_dir(cfg.model), log, backend="transformers")
         if cfg.precision.name == "auto":
             measured = DTYPES[calibration.transformers_dtype()]
             if measured != dtype:

@@ -169,7 +169,7 @@ class LlamaCppBackend:
 
     def set_shared_prefix(self, prompts: list[str]) -> float:
         """Decode the token prefix all `prompts` share into sequence 0, once; every prompt starts from a copy."""
-        from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
+        from pipeline.prefix import MIN_PREFIX_TOKENS, shared_prefix_length
 
         self.lib.llama_memory_clear(self.memory, True)
         self.prefix_ids = []

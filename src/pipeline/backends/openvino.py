@@ -329,7 +329,7 @@ class OpenVINOBackend:
 
     def set_shared_prefix(self, prompts: list[str]) -> float:
         """One short generation puts the shared prefix's KV blocks in GenAI's prefix cache; later prompts reuse them."""
-        from pipeline.generation import MIN_PREFIX_TOKENS, shared_prefix_length
+        from pipeline.prefix import MIN_PREFIX_TOKENS, shared_prefix_length
 
         self.prefix_ids = []
         if not prompts:

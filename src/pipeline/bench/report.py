@@ -46,6 +46,10 @@ def _num(value: float, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def _list(values: list[float] | None) -> str:
+    return ", ".join(f"{v:.2f}" for v in values or []) or "-"
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -180,8 +184,10 @@ def render(report: Report) -> str:
         "## Ready time",
         "",
         "From the process's start (interpreter, imports, config) to a loaded engine with its prefix and warm-up done: "
-        f"warm (caches filled) {', '.join(f'{v:.2f}' for v in ready.get('warm', [])) or '-'} s; cold (empty model "
-        f"cache, kernel built at install) {', '.join(f'{v:.2f}' for v in ready.get('cold', [])) or '-'} s.",
+        f"warm (caches filled) {_list(ready.get('warm'))} s; the first process after install (a fresh model cache "
+        f"prepared by `python -m pipeline.prepare`, as `make venv` runs it) {_list(ready.get('installed'))} s; cold "
+        f"(an empty model cache, the kernel built: the first run packs, calibrates and extracts the tokenizer) "
+        f"{_list(ready.get('cold'))} s.",
         "",
         "## Targets",
         "",
