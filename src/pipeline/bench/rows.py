@@ -34,6 +34,8 @@ SPEED_ROWS: tuple[Row, ...] = (
     Row("default-free", FREE_OVERRIDES, FREE, "the default, the tool form decoded freely", ours=True),
     Row("default-pinned", PINNED_OVERRIDES, PINNED,
         "the previous default strategy: forms built only from the question's own numbers and units", ours=True),
+    Row("default-pinned-stepwise", (*PINNED_OVERRIDES, "generation.jump_forward=false"), PINNED,
+        "the previous default as it ran before jump-forward (one step per forced token)", ours=True),
     Row("engine-fp32", ("backend=engine", "precision=fp32"), CONSTRAINED, "the engine, fp32 weights", ours=True),
     Row("engine-q8", ("backend=engine", "precision=int8"), CONSTRAINED, "the engine, q8 weights (lossy here)",
         ours=True),
