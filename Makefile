@@ -1,4 +1,5 @@
-# make run: build .venv if needed, then run the default config. make test: the whole test suite.
+# make run: build .venv if needed, then run the default config. make test: the test suite but the slow tests
+# (the real model end to end, the browser, the peers, a cluster); make test-slow: those; .ci/run runs both.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: run test lint venv clean
+.PHONY: run test test-slow lint venv clean
 
 venv: $(STAMP)
 
@@ -24,7 +25,10 @@ run: $(STAMP)
 	$(PY) run.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
