@@ -242,13 +242,17 @@ def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
     assert len(free.generated) == 6 and free.hit_budget
 
 
-@pytest.mark.parametrize("fmt,kernel_rows", [("q4", 64), ("q8", 64), ("q4", 2)])
-def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows):
+@pytest.mark.parametrize(
+    "fmt,kernel_rows,gemm", [("q4", 64, "fp32"), ("q8", 64, "fp32"), ("q4", 2, "fp32"), ("q4", 2, "bf16")]
+)
+def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm):
     """The one-call-per-layer kernel (decode steps, prefills) against the eager path on the same weights.
 
     Prompts of different lengths and a shared prefix, 3 slots: the kernel's per-row slots and positions,
-    its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens. With
-    2 kernel rows, prefills and 3-row steps take the fp32 GEMM inside the kernel, 2-row steps the q4 kernel.
+    its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens; the
+    kernel reads the prefix's keys and values from its one shared copy, the eager path from each slot's. With
+    2 kernel rows, prefills and 3-row steps take the GEMM inside the kernel (bf16: oneDNN on weights packed
+    once, the eager path the same weights through torch.ops.mkldnn), 2-row steps the q4 kernel.
     """
     from pipeline import kernels
 
@@ -262,7 +266,8 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows):
         shared += 1
     results = {}
     for fused in (True, False):
-        engine = Engine(tiny.model, fmt, max_kernel_rows=kernel_rows)
+        dtype = torch.bfloat16 if gemm == "bf16" else torch.float32
+        engine = Engine(tiny.model, fmt, max_kernel_rows=kernel_rows, gemm_dtype=dtype)
         assert engine.fused
         engine.fused = fused
         with torch.inference_mode():

@@ -20,6 +20,7 @@
 // the dequantize-once form does fewer operations. One form for every M also keeps one rounding behaviour.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -33,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <cstdint>
 #include <vector>
 
@@ -450,6 +452,18 @@ at::Tensor q8_dequantize(const at::Tensor& qweight, const at::Tensor& scales) {
 // dispatched from Python and most forking the thread pool) than in the weight kernels. For the rows of a
 // decoding step or a short prefill this runs one whole Llama layer in one call instead.
 
+// y = x @ W.T through oneDNN, W packed once in its blocked layout (torch.ops.mkldnn._reorder_linear_weight,
+// as inductor's frozen bf16 linears are): a plain [K, N] bf16 matrix is re-packed inside every at::mm call,
+// which for a step of 8-32 rows cost as much as the product (measured: 30 layers at 32 rows, 21 vs 13 ms).
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, packed, c10::IValue(), c10::IValue(std::string("none")),
+                                 c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 // One weight matrix: packed q4 (uint8 qweight, scales, mins) or q8 (int8 qweight, scales), and the same
 // weights in fp32, transposed ([K, N]), for more rows than `gemm_above` (a long prefill), where MKL's
 // GEMM does more FLOPs per cycle than dequantizing in registers.
@@ -461,7 +475,9 @@ struct Packed {
     if (M > gemm_above) {
       at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
       const at::Tensor in = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
-      if (wt.scalar_type() == at::kBFloat16) {
+      if (wt.is_mkldnn()) {
+        out.copy_(onednn_linear(in.to(at::kBFloat16), wt));  // bf16 GEMM on weights packed once for oneDNN
+      } else if (wt.scalar_type() == at::kBFloat16) {
         out.copy_(at::mm(in.to(at::kBFloat16), wt));  // bf16 GEMM where the CPU does it natively (calibrated)
       } else {
         at::mm_out(out, in, wt);
@@ -498,10 +514,16 @@ Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K,
   p.K = K;
   TORCH_CHECK(i < weights.size(), "decoder_layer: ", name, " needs its fp32 weight [K, N] after the packed one");
   p.wt = weights[i++];
-  TORCH_CHECK((p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16) && p.wt.is_contiguous() &&
-                  p.wt.dim() == 2 && p.wt.size(0) == K && p.wt.size(1) == p.N,
-              name, ": the GEMM weight must be contiguous float32 or bfloat16 [K, N] = [", K, ", ", p.N, "], got ",
-              p.wt.scalar_type(), " ", p.wt.sizes());
+  if (p.wt.is_mkldnn()) {
+    TORCH_CHECK(p.wt.scalar_type() == at::kBFloat16 && p.wt.dim() == 2 && p.wt.size(0) == p.N && p.wt.size(1) == K,
+                name, ": a oneDNN-packed GEMM weight must be bfloat16 [N, K] = [", p.N, ", ", K, "], got ",
+                p.wt.scalar_type(), " ", p.wt.sizes());
+  } else {
+    TORCH_CHECK((p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16) && p.wt.is_contiguous() &&
+                    p.wt.dim() == 2 && p.wt.size(0) == K && p.wt.size(1) == p.N,
+                name, ": the GEMM weight must be contiguous float32 or bfloat16 [K, N] = [", K, ", ", p.N, "], got ",
+                p.wt.scalar_type(), " ", p.wt.sizes());
+  }
   p.gemm_above = gemm_above;
   return p;
 }
@@ -544,67 +566,97 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// Attention of one row's query heads that share a key/value head (GQA: `groups` of them) over its
-// slot's cache, keys 0..length-1; `scores` holds groups * length floats. Written so that no FMA waits on
-// the one before it: four keys' dot products at a time, and the weighted sum of values accumulates in
-// one register per 8 dimensions (a single chain of dependent FMAs ran at a quarter of the speed).
-void attend(const float* q, const float* keys, const float* values, int64_t length, int64_t groups, int64_t D,
-            float* scores, float* out) {
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+// The pieces of attention for one query head. Written so that no FMA waits on the one before it: four
+// keys' dot products at a time, and the weighted sum of values accumulates in one register per 8
+// dimensions (a single chain of dependent FMAs ran at a quarter of the speed).
+
+// s[j] = q . key j * scale for keys j in [begin, end), key j at keys + j * D.
+void dot_keys(const float* q, const float* keys, int64_t begin, int64_t end, int64_t D, float scale, float* s) {
   const __m128 scale4 = _mm_set1_ps(scale);
+  int64_t j = begin;
+  for (; j + 4 <= end; j += 4) {
+    const float* k = keys + j * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + i), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + i), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + i), a3);
+    }
+    _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), scale4));
+  }
+  for (; j < end; ++j) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(keys + j * D + i), acc);
+    s[j] = hsum(acc) * scale;
+  }
+}
+
+float max_of(const float* s, int64_t n, float top) {
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  return top;
+}
+
+// s[j] = exp(s[j] - top) in place for j in [0, n); returns their sum.
+float exp_in_place(float* s, int64_t n, float top) {
+  const __m256 top8 = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float total = hsum(sum8);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    total += s[j];
+  }
+  return total;
+}
+
+// out = (out if `add` else 0) + scale * sum of p[j] * value j over [begin, end), value j at values + j * D.
+void weigh_values(const float* p, const float* values, int64_t begin, int64_t end, int64_t D, float scale,
+                  bool add, float* out) {
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  for (int64_t i0 = 0; i0 < D; i0 += 64) {
+    const int64_t chunks = std::min<int64_t>(8, (D - i0) / 8);
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t j = begin; j < end; ++j) {
+      const __m256 w = _mm256_set1_ps(p[j]);
+      const float* v = values + j * D + i0;
+      if (chunks == 8) {
+        UNROLL for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      } else {
+        for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+    }
+    for (int c = 0; c < chunks; ++c) {
+      float* o = out + i0 + 8 * c;
+      const __m256 r = _mm256_mul_ps(acc[c], scale8);
+      _mm256_storeu_ps(o, add ? _mm256_add_ps(_mm256_loadu_ps(o), r) : r);
+    }
+  }
+}
+
+// Attention of one row's query heads that share a key/value head (GQA: `groups` of them) over keys
+// 0..length-1: keys and values below `shared` come from the shared prefix's buffer (`prefix_keys`,
+// `prefix_values`, one copy that every row of a step reads, so it stays in cache), the rest from the
+// row's own slot (`keys`, `values`, indexed by position). `scores` holds length floats.
+void attend(const float* q, const float* prefix_keys, const float* prefix_values, int64_t shared,
+            const float* keys, const float* values, int64_t length, int64_t groups, int64_t D, float* scores,
+            float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  shared = std::min(shared, length);
   for (int64_t g = 0; g < groups; ++g) {
     const float* qg = q + g * D;
-    float* s = scores + g * length;
-    int64_t j = 0;
-    for (; j + 4 <= length; j += 4) {
-      const float* k = keys + j * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < D; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(qg + i);
-        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i), a0);
-        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + D + i), a1);
-        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * D + i), a2);
-        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * D + i), a3);
-      }
-      _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), scale4));
-    }
-    for (; j < length; ++j) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t i = 0; i < D; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), _mm256_loadu_ps(keys + j * D + i), acc);
-      s[j] = hsum(acc) * scale;
-    }
-    float top = -INFINITY;
-    for (j = 0; j < length; ++j) top = std::max(top, s[j]);
-    const __m256 top8 = _mm256_set1_ps(top);
-    __m256 sum8 = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= length; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
-      _mm256_storeu_ps(s + j, e);
-      sum8 = _mm256_add_ps(sum8, e);
-    }
-    float total = hsum(sum8);
-    for (; j < length; ++j) {
-      s[j] = std::exp(s[j] - top);
-      total += s[j];
-    }
-    const __m256 inv = _mm256_set1_ps(1.f / total);
-    float* og = out + g * D;
-    for (int64_t i0 = 0; i0 < D; i0 += 64) {
-      const int64_t chunks = std::min<int64_t>(8, (D - i0) / 8);
-      __m256 acc[8];
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (j = 0; j < length; ++j) {
-        const __m256 p = _mm256_set1_ps(s[j]);
-        const float* v = values + j * D + i0;
-        if (chunks == 8) {
-          UNROLL for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
-        } else {
-          for (int c = 0; c < chunks; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
-        }
-      }
-      for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(og + i0 + 8 * c, _mm256_mul_ps(acc[c], inv));
-    }
+    if (shared) dot_keys(qg, prefix_keys, 0, shared, D, scale, scores);
+    dot_keys(qg, keys, shared, length, D, scale, scores);
+    const float inv = 1.f / exp_in_place(scores, length, max_of(scores, length, -INFINITY));
+    if (shared) weigh_values(scores, prefix_values, 0, shared, D, inv, false, out + g * D);
+    weigh_values(scores, values, shared, length, D, inv, shared > 0, out + g * D);
   }
 }
 
@@ -613,10 +665,14 @@ void attend(const float* q, const float* keys, const float* values, int64_t leng
 // attends, so the rows of one prompt's prefill see each other (causally, by position).
 // weights: qkv (q, k rows interleaved for the rotary pairs), o, gate_up, down; each q4 or q8.
 // rotations: [capacity, head_dim / 2, 2] cos, sin.
+// prefix_k, prefix_v: the shared prefix's keys and values once ([kv_heads, P, head_dim]); shared[r] (0 or
+// P) says how many of row r's first keys are read there rather than from its slot (whose copy is the same).
 void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tensor& positions,
                    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rotations,
                    const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps, int64_t heads,
-                   at::TensorList weight_list, bool int8_x, int64_t gemm_above) {
+                   at::TensorList weight_list, bool int8_x, int64_t gemm_above,
+                   const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
+                   const std::optional<at::Tensor>& shared) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "decoder_layer: h must be contiguous float32 [M, hidden]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
@@ -636,7 +692,27 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   for (int64_t r = 0; r < M; ++r)
     TORCH_CHECK(sl[r] >= 0 && sl[r] < k_cache.size(0) && ps[r] >= 0 && ps[r] < capacity,
                 "decoder_layer: row ", r, " at slot ", sl[r], " position ", ps[r], " is outside the cache");
+  const bool has_prefix = prefix_k.has_value() && prefix_k->numel() > 0;
+  int64_t width = 0;
+  const int64_t* row_shared = nullptr;
+  at::Tensor shared_ids;
+  if (has_prefix) {
+    TORCH_CHECK(prefix_v.has_value() && shared.has_value(), "decoder_layer: prefix_k needs prefix_v and shared");
+    width = prefix_k->size(1);
+    TORCH_CHECK(prefix_k->dim() == 3 && prefix_k->scalar_type() == at::kFloat && prefix_k->is_contiguous() &&
+                    prefix_k->size(0) == kv_heads && prefix_k->size(2) == D && prefix_v->sizes() == prefix_k->sizes() &&
+                    prefix_v->scalar_type() == at::kFloat && prefix_v->is_contiguous() && width <= capacity,
+                "decoder_layer: the prefix's keys and values must be contiguous float32 [kv_heads, P, head_dim]");
+    shared_ids = shared->to(at::kLong).contiguous();
+    TORCH_CHECK(shared_ids.numel() == M, "decoder_layer: one shared width per row");
+    row_shared = shared_ids.data_ptr<int64_t>();
+    for (int64_t r = 0; r < M; ++r)
+      TORCH_CHECK(row_shared[r] == 0 || (row_shared[r] == width && ps[r] >= width), "decoder_layer: row ", r,
+                  " at position ", ps[r], " cannot read ", row_shared[r], " keys of a prefix of ", width);
+  }
   if (M == 0) return;
+  const float* pkc = has_prefix ? prefix_k->data_ptr<float>() : nullptr;
+  const float* pvc = has_prefix ? prefix_v->data_ptr<float>() : nullptr;
 
   const std::vector<at::Tensor> weights = weight_list.vec();
   size_t i = 0;
@@ -678,14 +754,18 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       std::copy_n(row + (heads + kv_heads + g) * D, D, vc + at_);
     }
   });
+  // (Tried: the prefix's part of all rows' attention as two batched matrix products, Hydragen's split. With
+  // fp32 MKL bmm it was slower than this loop over the prefix's one cached copy: 32 rows 27.2 vs 24.5 ms,
+  // 512 rows 296 vs 268 ms for 30 layers, AVX512-BF16 EPYC.)
   at::parallel_for(0, M * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / kv_heads, g = t % kv_heads, length = ps[r] + 1;
-      scores.resize(groups * length);
+      scores.resize(length);
       const int64_t base = (sl[r] * kv_heads + g) * capacity * D;
-      attend(mixed.data() + r * QKV + g * groups * D, kc + base, vc + base, length, groups, D, scores.data(),
-             attended.data() + r * H + g * groups * D);
+      const int64_t n = row_shared ? row_shared[r] : 0, pbase = g * width * D;
+      attend(mixed.data() + r * QKV + g * groups * D, n ? pkc + pbase : nullptr, n ? pvc + pbase : nullptr, n,
+             kc + base, vc + base, length, groups, D, scores.data(), attended.data() + r * H + g * groups * D);
     }
   });
   o.apply(attended.data(), M, normed.data(), int8_x);
@@ -733,7 +813,8 @@ PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
   m.def(
       "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
       "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
-      "bool int8_x=False, int gemm_above=9223372036854775807) -> ()");
+      "bool int8_x=False, int gemm_above=9223372036854775807, Tensor? prefix_k=None, Tensor? prefix_v=None, "
+      "Tensor? shared=None) -> ()");
 }
 
 PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
@@ -743,3 +824,6 @@ PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
   m.impl("q8_dequantize", &q8_dequantize);
   m.impl("decoder_layer", &decoder_layer);
 }
+
+// The weights list may hold oneDNN-packed tensors (MkldnnCPU), which would otherwise decide the dispatch.
+PIPELINE_LIBRARY_IMPL(PIPELINE_NS, MkldnnCPU, m) { m.impl("decoder_layer", &decoder_layer); }
