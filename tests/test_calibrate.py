@@ -38,6 +38,17 @@ def test_the_kernel_runs_up_to_the_rows_where_gemm_is_faster():
     assert _calibration(engine__q4=_times(200, 400), engine__gemm=_times(100, 120)).kernel_rows("q4") == 0
 
 
+def test_the_lm_head_runs_our_kernel_for_a_full_batch_where_it_measured_no_slower_than_gemm():
+    base = dict(engine__q4=_times(9, 400), engine__gemm=_times(100, 120), engine__fp32=_times(80, 120))
+    assert _calibration(**base).kernel_rows("q4") == 8
+    assert _calibration(**base, engine__head_q8={"32": 12.0}, engine__head_fp32={"32": 18.0}).head_rows("q4") == 32
+    # the head's GEMM faster (or the head not measured, an older calibration): the layers' limit
+    assert _calibration(**base, engine__head_q8={"32": 20.0}, engine__head_fp32={"32": 18.0}).head_rows("q4") == 8
+    assert _calibration(**base).head_rows("q4") == 8
+    # never a format of its own
+    assert _calibration(**base, engine__head_q8={"32": 1.0}, engine__head_fp32={"32": 1.0}).engine_format() == "q4"
+
+
 def test_bf16_gemm_is_taken_only_for_a_clear_gain():
     base = dict(engine__q4=_times(9, 400), engine__gemm=_times(100, 100))
     assert _calibration(**base, engine__gemm_bf16=_times(60, 60)).gemm_dtype() == "bf16"
@@ -95,6 +106,8 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
         expected = {"1"} if name.endswith("x8") else {str(r) for r in ROWS}
         if name.startswith("engine:gemm"):
             expected = {str(r) for r in ROWS[1:]}  # one row is always our kernel's
+        if name.startswith("engine:head"):
+            expected = {str(max(ROWS))}  # the lm_head of a full batched step, our kernel against GEMM
         assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name
         assert all(value >= 1.0 for value in spread[name].values())
 

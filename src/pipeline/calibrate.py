@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROWS = (1, 8, 32)  # rows of a step measured; 1 is single-stream decoding, 32 a full batched step
+ROWS = (
+    1,
+    4,
+    8,
+    32,
+)  # rows of a step measured: 1 is single-stream decoding, 4 a short jump-forward, 32 a full batched step
 # the default stages' decode steps: 32 questions of ~7 one-row steps, ~20 steps of the batched stage
 MIX = {1: 224, 32: 20}
 REPS = 3  # interleaved rounds: the median of three, and their spread
@@ -124,6 +130,14 @@ class Calibration:
             return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.time("engine:fp32", r)), default=0)
         return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.gemm_ms(r)), default=0)
 
+    def head_rows(self, fmt: str) -> int:
+        """The most rows for which the lm_head runs our kernel: 32 where its q8 product of 32 rows measured no
+        slower than fp32 GEMM (the head is one large matrix, read rather than computed), else `kernel_rows`."""
+        kernel, gemm = self.time("engine:head_q8", max(ROWS)), self.time("engine:head_fp32", max(ROWS))
+        if math.isfinite(kernel) and kernel <= gemm:
+            return max(ROWS)
+        return self.kernel_rows(fmt)
+
     def jump_forward_pays(self, fmt: str) -> bool:
         """Whether one step of 8 rows measured cheaper than 8 one-row steps (then a forced run goes in at once)."""
         return self.time(f"engine:{fmt}", 8) < 8 * self.time(f"engine:{fmt}", 1)
@@ -154,7 +168,7 @@ class Calibration:
 
 def _is_format(candidate: str) -> bool:
     name = candidate.split(":", 1)
-    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith("gemm")
+    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith(("gemm", "head"))
 
 
 def _interleaved(tasks: list[tuple[str, int, object]], reps: int) -> tuple[dict, dict]:
@@ -237,7 +251,17 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
 
         def run():
             engine.set_kernel_rows(kernel_rows)
+            engine.lm_head.max_kernel_rows = 64  # the head on our kernel throughout: its choice is timed apart
             engine.lm_head(engine._decode_hidden(tokens, positions), int8_x)
+
+        return run
+
+    def head(engine: Engine, rows: int, kernel_rows: int):
+        hidden = torch.randn(rows, config.hidden_size, generator=generator)
+
+        def run():
+            engine.lm_head.max_kernel_rows = kernel_rows
+            engine.lm_head(hidden)
 
         return run
 
@@ -277,6 +301,9 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
             engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))
             for rows in ROWS[1:]:  # one row is our kernel's, always
                 tasks.append((f"engine:{name}", rows, step(engine, rows, False, 0)))
+        # the lm_head of a full batched step of free rows: its q8 weights in our kernel, or its fp32 copy in GEMM
+        tasks.append(("engine:head_q8", max(ROWS), head(engines[-1], max(ROWS), 64)))
+        tasks.append(("engine:head_fp32", max(ROWS), head(engines[-1], max(ROWS), 0)))
     return tasks
 
 
@@ -337,7 +364,10 @@ def candidates(backend: str | None = None) -> list[str]:
     kernel runs, transformers' fp32, bf16 and int8."""
     from pipeline import cpu, kernels
 
-    engine = ["fp32", *(("q8", "q4", f"q8{X8}", f"q4{X8}", "gemm") if kernels.available() else ())]
+    engine = [
+        "fp32",
+        *(("q8", "q4", f"q8{X8}", f"q4{X8}", "gemm", "head_q8", "head_fp32") if kernels.available() else ()),
+    ]
     if kernels.available() and cpu.current().fast_bf16:
         engine.append("gemm_bf16")
     names = {

@@ -81,6 +81,7 @@ class EngineBackend:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
         # an explicit format runs its kernel even where fp32 GEMM measured faster for one row
         rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" and has_kernel else 0
+        head_rows = max(rows, calibration.head_rows(fmt)) if rows else 0  # the lm_head's q8 on our kernel
         activations = cfg.precision.activations
         int8_x = rows > 0 and (activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt)))
         if activations == "int8" and fmt == "fp32":
@@ -100,7 +101,11 @@ class EngineBackend:
                 "activations and weights to bf16 (measured faster here; lossy): see this run's KLD against fp32"
             )
         described = "int8 activations for one row" if int8_x else "fp32 activations"
-        products = f"our kernel ({kernel}) up to {rows} rows, {gemm} GEMM above" if rows else f"fp32 GEMM ({kernel})"
+        products = (
+            f"our kernel ({kernel}) up to {rows} rows (the lm_head {head_rows}), {gemm} GEMM above"
+            if rows
+            else f"fp32 GEMM ({kernel})"
+        )
         log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
             state, packed_how = self.source.state(fmt, log)
@@ -108,6 +113,7 @@ class EngineBackend:
                 config=config, state=state, fmt=fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x,
                 gemm_dtype=torch.bfloat16 if gemm == "bf16" else torch.float32,
             )  # fmt: skip
+        self.engine.set_kernel_rows(rows, head_rows)
         # what the prefix's cached keys and values depend on besides the weights
         self._numerics = f"{fmt}-{gemm}-{rows}-{kernels.isa()}"
         jump = gen.jump_forward if gen.jump_forward is not None else calibration.jump_forward_pays(fmt)
@@ -129,6 +135,7 @@ class EngineBackend:
             load_time_s=time.perf_counter() - start,
             tags={
                 "engine_kernel_rows": str(rows),
+                "engine_head_rows": str(head_rows),
                 **self.engine.work_shape(),
                 "kernel": kernel,
                 "source_formats": source,
