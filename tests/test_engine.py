@@ -287,3 +287,47 @@ def test_token_texts_are_what_decode_gives(tiny):
     sample = list(range(0, len(texts), 97)) + [tiny.tokenizer.eos_token_id]
     assert [texts[i] for i in sample] == tiny.tokenizer.batch_decode([[i] for i in sample])
     assert token_texts(tiny.tokenizer) is texts  # once per tokenizer
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,  # the default RoPE: computed by the engine itself
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },  # fmt: skip
+        {"rope_type": "linear", "factor": 2.0},
+    ],
+)
+def test_rotary_tables_are_transformers_own(rope):
+    """The engine's cos/sin tables, bit for bit those of transformers' LlamaRotaryEmbedding, for the default RoPE it
+    computes without importing transformers' Llama module and for scaled ones it takes from there."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    def llama(**kwargs):
+        return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           rope_theta=100000.0, **kwargs)  # fmt: skip
+
+    config = llama() if rope is None else llama(rope_scaling={**rope, "rope_theta": 100000.0})
+    reference = LlamaRotaryEmbedding(config=config)
+    cos, sin = reference(torch.zeros(1, 1, 64), torch.arange(300).unsqueeze(0))
+    engine = Engine(LlamaForCausalLMFromConfig(config), "fp32")
+    got_cos, got_sin = engine._rotary_tables(300)
+    assert (engine._rotary is None) == (rope is None)
+    assert torch.equal(got_cos, cos[0, :, :8]) and torch.equal(got_sin, sin[0, :, :8])
+    if rope is not None:  # a scaled RoPE really differs from the default one: the test would see it ignored
+        plain = LlamaRotaryEmbedding(config=llama())
+        assert not torch.equal(plain(torch.zeros(1, 1, 64), torch.arange(300).unsqueeze(0))[0], cos)
+
+
+def LlamaForCausalLMFromConfig(config):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
