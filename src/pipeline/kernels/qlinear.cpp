@@ -67,6 +67,17 @@ struct Q4Weights {
     w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), scale, min);
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), scale, min);
   }
+#if defined(__AVX512F__)
+  // The same block as two 16-float vectors: the 16 bytes zero-extended at once, low nibbles elements 0..15,
+  // high nibbles 16..31: half the instructions of the four 8-float vectors.
+  inline void block512(int64_t n, int64_t b, __m512 w[2]) const {
+    const uint8_t* bytes = q + n * (K / 2) + b * (kBlock / 2);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512 scale = _mm512_set1_ps(d[n * nb + b]), min = _mm512_set1_ps(m[n * nb + b]);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF))), scale, min);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale, min);
+  }
+#endif
 };
 
 struct Q8Weights {
@@ -85,6 +96,16 @@ struct Q8Weights {
       w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), scale);
     }
   }
+#if defined(__AVX512F__)
+  inline void block512(int64_t n, int64_t b, __m512 w[2]) const {
+    const int8_t* bytes = q + n * K + b * kBlock;
+    const __m512 scale = _mm512_set1_ps(d[n * nb + b]);
+    for (int j = 0; j < 2; ++j) {
+      const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * j));
+      w[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), scale);
+    }
+  }
+#endif
 };
 
 inline float hsum(__m256 v) {
@@ -166,6 +187,28 @@ __attribute__((noinline)) void tile(const W& w, int64_t n0, int64_t b0, int64_t 
     }
   }
 }
+
+#if defined(__AVX512F__)
+// M = 1 on the AVX512 builds: y[n0 + c] = x . w[n0 + c, :] for C weight rows, each block unpacked into two
+// 16-float vectors (block512) and met by x's two, two accumulators per row. A one-row product is limited by
+// unpacking, not by DRAM (AVX2's four vectors per block read about 20 of 48 GB/s on the AVX512-BF16 EPYC).
+template <class W, int C>
+__attribute__((noinline)) void gemv_tile512(const W& w, int64_t n0, const float* x, float* y) {
+  __m512 acc[C], acc2[C];
+  UNROLL for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps(), acc2[c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.nb; ++b) {
+    prefetch_next_rows<W, C>(w, n0, b);
+    const __m512 x0 = _mm512_loadu_ps(x + b * kBlock), x1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    UNROLL for (int c = 0; c < C; ++c) {
+      __m512 wv[2];
+      w.block512(n0 + c, b, wv);
+      acc[c] = _mm512_fmadd_ps(wv[0], x0, acc[c]);
+      acc2[c] = _mm512_fmadd_ps(wv[1], x1, acc2[c]);
+    }
+  }
+  UNROLL for (int c = 0; c < C; ++c) y[n0 + c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c], acc2[c]));
+}
+#endif
 
 // At M = 1 four weight rows share each x vector; the kernel waits on DRAM and any layout of the loop
 // that avoids register spills does. At M > 1 one weight row meets up to kRows rows of x: 8 accumulators
@@ -312,8 +355,13 @@ void run(const W& w, const float* x, int64_t M, int64_t N, int64_t K, float* y, 
   if (M == 1) {
     at::parallel_for(0, N, std::max<int64_t>(grain, kColsDecode), [&](int64_t begin, int64_t end) {
       int64_t n = begin;
+#if defined(__AVX512F__)
+      for (; n + kColsDecode <= end; n += kColsDecode) gemv_tile512<W, kColsDecode>(w, n, x, y);
+      for (; n < end; ++n) gemv_tile512<W, 1>(w, n, x, y);
+#else
       for (; n + kColsDecode <= end; n += kColsDecode) tile<W, 1, kColsDecode>(w, n, 0, nb, x, y, N, false);
       for (; n < end; ++n) tile<W, 1, 1>(w, n, 0, nb, x, y, N, false);
+#endif
     });
     return;
   }
