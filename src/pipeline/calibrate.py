@@ -33,12 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROWS = (
-    1,
-    4,
-    8,
-    32,
-)  # rows of a step measured: 1 is single-stream decoding, 4 a short jump-forward, 32 a full batched step
+# rows of a step measured: 1 is single-stream decoding, 4 a short jump-forward, 32 a full batched step
+ROWS = (1, 4, 8, 32)
 # the default stages' decode steps: 32 questions of ~7 one-row steps, ~20 steps of the batched stage
 MIX = {1: 224, 32: 20}
 REPS = 3  # interleaved rounds: the median of three, and their spread
