@@ -243,17 +243,23 @@ def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
 
 
 @pytest.mark.parametrize(
-    "fmt,kernel_rows,gemm", [("q4", 64, "fp32"), ("q8", 64, "fp32"), ("q4", 2, "fp32"), ("q4", 2, "bf16")]
+    "fmt,kernel_rows,gemm",
+    [("q4", 64, "fp32"), ("q8", 64, "fp32"), ("q4", 2, "fp32"), ("q4", 2, "bf16"), ("q4", 2, "bf16-plain")],
 )
-def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm):
+def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm, monkeypatch):
     """The one-call-per-layer kernel (decode steps, prefills) against the eager path on the same weights.
 
     Prompts of different lengths and a shared prefix, 3 slots: the kernel's per-row slots and positions,
     its cache writes, causal prefill attention and GQA all show in the logits and the greedy tokens; the
     kernel reads the prefix's keys and values from its one shared copy, the eager path from each slot's. With
     2 kernel rows, prefills and 3-row steps take the GEMM inside the kernel (bf16: oneDNN on weights packed
-    once, the eager path the same weights through torch.ops.mkldnn), 2-row steps the q4 kernel.
+    once, the eager path the same weights through torch.ops.mkldnn; bf16-plain: a plain bf16 matrix, as on a
+    CPU where oneDNN's bf16 linear does not run), 2-row steps the q4 kernel.
     """
+    import pipeline.engine
+
+    if gemm == "bf16-plain":
+        monkeypatch.setattr(pipeline.engine, "onednn_bf16", lambda: False)
     from pipeline import kernels
 
     if not kernels.available():
@@ -266,9 +272,11 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm
         shared += 1
     results = {}
     for fused in (True, False):
-        dtype = torch.bfloat16 if gemm == "bf16" else torch.float32
+        dtype = torch.bfloat16 if gemm.startswith("bf16") else torch.float32
         engine = Engine(tiny.model, fmt, max_kernel_rows=kernel_rows, gemm_dtype=dtype)
         assert engine.fused
+        if gemm.startswith("bf16"):  # the layout asked for is the one the kernel gets
+            assert engine.layers[0].qkv.gemm_t.is_mkldnn == (gemm == "bf16" and pipeline.engine.onednn_bf16())
         engine.fused = fused
         with torch.inference_mode():
             engine.set_prefix(prompts[0][: shared - 4])  # the kernel prefills the rest of each prompt

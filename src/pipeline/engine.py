@@ -15,6 +15,7 @@ The hot path in plain sight:
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -111,15 +112,27 @@ def bf16_gemm_weight(weight_t: torch.Tensor) -> torch.Tensor:
     at::mm on a plain bf16 matrix re-packs it inside every call: for the engine's steps of 8-32 rows that
     doubled the product's time (30 layers at 32 rows, 21 ms plain vs 13 ms packed, AVX512-BF16 EPYC).
     """
-    reorder = (
-        getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if torch.backends.mkldnn.is_available() else None
-    )
-    if reorder is not None:
-        try:
-            return reorder(weight_t.t().contiguous().to(torch.bfloat16), 32)
-        except RuntimeError:
-            pass
+    if onednn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous().to(torch.bfloat16), 32)
     return weight_t.to(torch.bfloat16)
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN's packed bf16 linear runs on this CPU. PyTorch refuses it without AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, which a forced CPU kind does not change: a simulated avx512_bf16 kind on an AVX2 machine
+    takes the plain bf16 matrix (emulated, slow, correct). Checked by asking and by one tiny product."""
+    mkldnn = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        if hasattr(mkldnn, "_is_mkldnn_bf16_supported") and not mkldnn._is_mkldnn_bf16_supported():
+            return False
+        packed = mkldnn._reorder_linear_weight(torch.ones(32, 32, dtype=torch.bfloat16), 32)
+        y = mkldnn._linear_pointwise(torch.ones(1, 32, dtype=torch.bfloat16), packed, None, "none", [], "")
+        return bool(y.float().eq(32).all())
+    except (RuntimeError, AttributeError):
+        return False
 
 
 MATRICES = ("qkv", "o", "gate_up", "down")
