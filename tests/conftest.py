@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT))
 
+from pipeline import cpu  # noqa: E402
 from run import register_configs  # noqa: E402
 
 register_configs()  # the structured schema that conf/config.yaml names first in its defaults
@@ -139,3 +140,28 @@ def start_mlflow_server(
             time.sleep(0.5)
     process.terminate()
     raise RuntimeError(f"mlflow server did not answer in 120 s: {log_file.read_text()[-2000:]}")
+
+
+@pytest.fixture(params=cpu.KERNEL_ISAS)
+def built(request, monkeypatch):
+    """Each kernel build this CPU executes (PIPELINE_KERNEL_ISA selects it); the op namespace of that build.
+
+    A build whose instructions this CPU lacks is skipped, saying which CPU it needs."""
+    from pipeline import kernels
+
+    isa = request.param
+    missing = cpu.ISA_NEEDS[isa] - set(cpu.cpu_flags())
+    if missing:
+        pytest.skip(
+            f"the {isa} kernel build needs a CPU with {' '.join(sorted(cpu.ISA_NEEDS[isa]))}; this one lacks "
+            f"{' '.join(sorted(missing))} (CI on such a CPU runs it)"
+        )
+    monkeypatch.delenv(cpu.SIMULATE_ENV, raising=False)
+    monkeypatch.delenv(cpu.KIND_ENV, raising=False)
+    monkeypatch.setenv(cpu.ISA_ENV, isa)
+    if not kernels.available():
+        pytest.fail(
+            f"the {isa} kernel build should run on this {cpu.detected_kind()} CPU: {kernels.unavailable_reason()}"
+        )
+    assert kernels.isa() == isa
+    return kernels.ops()

@@ -287,6 +287,43 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def wide_heads():
+    """A random Llama with SmolLM2's head shape (head_dim 64, 3 query heads per key/value head)."""
+    cfg = ModelConfig(name="tiny", source="tiny", tiny_layers=2, tiny_heads=3, tiny_kv_heads=1, tiny_hidden_size=192)
+    return load_model(cfg, CPU, torch.float32, "sdpa")
+
+
+@pytest.mark.parametrize("width", [45, 64])
+def test_attention_over_the_shared_prefix_in_blocks_equals_the_eager_layers(wide_heads, width, built):
+    """Rows that read the shared prefix attend in blocks of queries (the keys transposed and padded to 32, register
+    tiles of 6 and 4 queries, 16 or 8 keys wide by build): prefills of 5-23 rows, steps of 2-7 rows and rows
+    without the prefix beside them give the eager layers' tokens and logits. A prefix width off the 32-key
+    blocks and query counts off the tiles catch a wrong tail, head_dim 64 the 64-wide value tiles. Each kernel
+    build this CPU runs (`built`), so the 8-wide AVX2 tiles are checked on an AVX512 CPU too."""
+    generator = torch.Generator().manual_seed(width)
+    prefix = torch.randint(100, 5000, (width,), generator=generator).tolist()
+    lengths = [5, 23, 9, 14, 7, 11, 18, 6]
+    prompts = [prefix + torch.randint(100, 5000, (n,), generator=generator).tolist() for n in lengths]
+    prompts.insert(3, torch.randint(100, 5000, (12,), generator=generator).tolist())  # a prompt without the prefix
+    stopper = StopTokens(wide_heads.tokenizer, None, eos_ids=[])
+    results = {}
+    for fused in (True, False):
+        engine = Engine(wide_heads.model, "q8", max_kernel_rows=64)  # the fused layer's own products throughout
+        assert engine.fused and engine._ops.name == built.name  # the build under test
+        engine.fused = fused
+        with torch.inference_mode():
+            engine.set_prefix(prefix)
+            generated = [seq.generated for seq in engine.generate(prompts, 6, stopper, slots=7)]
+            step = engine.decode_one_token(
+                torch.tensor([5, 9, 11, 13, 17, 19, 23]), torch.tensor([width + i * 3 for i in range(7)])
+            )
+            assert sum(engine.prefix_ok[:7]) >= 2  # the step's rows include several that read the prefix
+        results[fused] = generated, step
+    assert results[True][0] == results[False][0]
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
+
+
 def test_token_texts_are_what_decode_gives(tiny):
     from pipeline.tokens import token_texts
 

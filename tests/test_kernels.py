@@ -11,29 +11,6 @@ from pipeline.errors import PipelineError
 GROUP = kernels.GROUP_SIZE
 
 
-@pytest.fixture(params=cpu.KERNEL_ISAS)
-def built(request, monkeypatch):
-    """Each kernel build this CPU executes (PIPELINE_KERNEL_ISA selects it); the op namespace of that build.
-
-    A build whose instructions this CPU lacks is skipped, saying which CPU it needs."""
-    isa = request.param
-    missing = cpu.ISA_NEEDS[isa] - set(cpu.cpu_flags())
-    if missing:
-        pytest.skip(
-            f"the {isa} kernel build needs a CPU with {' '.join(sorted(cpu.ISA_NEEDS[isa]))}; this one lacks "
-            f"{' '.join(sorted(missing))} (CI on such a CPU runs it)"
-        )
-    monkeypatch.delenv(cpu.SIMULATE_ENV, raising=False)
-    monkeypatch.delenv(cpu.KIND_ENV, raising=False)
-    monkeypatch.setenv(cpu.ISA_ENV, isa)
-    if not kernels.available():
-        pytest.fail(
-            f"the {isa} kernel build should run on this {cpu.detected_kind()} CPU: {kernels.unavailable_reason()}"
-        )
-    assert kernels.isa() == isa
-    return kernels.ops()
-
-
 def gguf_q4_1(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights as llama.cpp's Q4_1 dequantizes them: d * q + m, d and m through fp16, q 0 and 15 in every block.
 

@@ -301,6 +301,7 @@ class Engine:
         self.prefix: list[int] = []
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
+        self.prefix_kt: list[torch.Tensor] = []  # the fused kernel's copy: [kv_heads, head_dim, P padded to 32]
         # per slot: whether it holds the shared prefix (a prompt without the prefix writes over its slot's copy;
         # a prompt with the prefix admitted there later gets it back first)
         self.prefix_ok: list[bool] = []
@@ -395,7 +396,7 @@ class Engine:
     def set_prefix(self, prefix: list[int], cached: dict[str, torch.Tensor] | None = None) -> None:
         """Compute the KV cache of `prefix` once (or take it from `cached`, what `prefix_state` gave for the same
         prefix and engine) and put it at the start of every slot."""
-        self.prefix, self.prefix_k, self.prefix_v = [], [], []
+        self.prefix, self.prefix_k, self.prefix_v, self.prefix_kt = [], [], [], []
         if not prefix:
             return
         self._ensure(self.slots, len(prefix) + 64)
@@ -406,6 +407,8 @@ class Engine:
             self._prefill([(0, Sequence(0, list(prefix), start=0, budget=0, generated=[]))], logits=False)
             self.prefix_k = [k[0, :, : len(prefix)].clone(memory_format=torch.contiguous_format) for k in self.k_cache]
             self.prefix_v = [v[0, :, : len(prefix)].clone(memory_format=torch.contiguous_format) for v in self.v_cache]
+        pad = -len(prefix) % 32
+        self.prefix_kt = [F.pad(k.transpose(1, 2), (0, pad)).contiguous() for k in self.prefix_k]
         self.prefix = list(prefix)
         self._write_prefix()
 
@@ -537,8 +540,9 @@ class Engine:
     def _fused_layers(self, tokens: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states after every layer for rows `tokens` at (slot, position), one kernel call per layer."""
         h = self.embedding[tokens]  # indexing copies: h is the rows' own buffer, updated in place
-        # rows whose slot holds the shared prefix read its keys and values from the one copy in prefix_k/v:
-        # 32 rows then read the same few hundred KB per layer from cache instead of 32 copies from memory
+        # rows whose slot holds the shared prefix read its keys and values from the one copy in prefix_kt/v:
+        # 32 rows then read the same few hundred KB per layer from cache instead of 32 copies from memory, many
+        # queries at a time (the keys transposed for that)
         width = len(self.prefix)
         shared = None
         if width:
@@ -547,7 +551,7 @@ class Engine:
             self._ops.decoder_layer(
                 h, slot_ids, positions, k_cache, v_cache, self.rotations_real,
                 layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
-                self.max_kernel_rows, self.prefix_k[i] if width else None, self.prefix_v[i] if width else None,
+                self.max_kernel_rows, self.prefix_kt[i] if width else None, self.prefix_v[i] if width else None,
                 shared,
             )  # fmt: skip
         return h

@@ -718,22 +718,197 @@ void weigh_values(const float* p, const float* values, int64_t begin, int64_t en
 }
 
 // Attention of one row's query heads that share a key/value head (GQA: `groups` of them) over keys
-// 0..length-1: keys and values below `shared` come from the shared prefix's buffer (`prefix_keys`,
-// `prefix_values`, one copy that every row of a step reads, so it stays in cache), the rest from the
-// row's own slot (`keys`, `values`, indexed by position). `scores` holds length floats.
-void attend(const float* q, const float* prefix_keys, const float* prefix_values, int64_t shared,
-            const float* keys, const float* values, int64_t length, int64_t groups, int64_t D, float* scores,
-            float* out) {
+// 0..length-1 of the row's slot (`keys`, `values`, indexed by position). `scores` holds length floats.
+void attend(const float* q, const float* keys, const float* values, int64_t length, int64_t groups, int64_t D,
+            float* scores, float* out) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  shared = std::min(shared, length);
   for (int64_t g = 0; g < groups; ++g) {
     const float* qg = q + g * D;
-    if (shared) dot_keys(qg, prefix_keys, 0, shared, D, scale, scores);
-    dot_keys(qg, keys, shared, length, D, scale, scores);
+    dot_keys(qg, keys, 0, length, D, scale, scores);
     const float inv = 1.f / exp_in_place(scores, length, max_of(scores, length, -INFINITY));
-    if (shared) weigh_values(scores, prefix_values, 0, shared, D, inv, false, out + g * D);
-    weigh_values(scores, values, shared, length, D, inv, shared > 0, out + g * D);
+    weigh_values(scores, values, 0, length, D, inv, false, out + g * D);
   }
+}
+
+// ---- many queries over the shared prefix at once
+//
+// Every row that reads the shared prefix meets the same keys: a prefill's rows (one prompt's 15-20 new
+// tokens) and a batched step's rows (one per slot) alike. Taken one query head at a time (`attend`), each
+// key is loaded once per head and row and its dot product ends in a horizontal sum: the prefix's part of
+// attention was a third of a 16-row prefill and of a 32-row step (AVX512-BF16 EPYC, 337-token prefix).
+// Here the prefix's part of a task's queries (several rows times the query heads of one key/value head)
+// is done as two small matrix products held in registers: scores against the keys stored transposed
+// ([head_dim, P32], padded to 32 keys with zeros, so a vector holds one dimension of 8 or 16 keys), and the
+// weighted values, each loaded value vector serving several queries.
+
+constexpr int kScoreTile = 6;  // queries per tile of scores: 6 x 2 accumulators + 2 key vectors in 16 registers
+
+// s[t][j .. j+16) = scale * q[t] . keys j .. j+15, for T queries; kt is [D, P32], the block starts at key j.
+template <int T>
+void score_tile(const float* const* q, const float* kt, int64_t P32, int64_t j, int64_t D, __m256 scale,
+                float* const* s) {
+  __m256 acc[T][2];
+  UNROLL for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * P32 + j), k1 = _mm256_loadu_ps(kt + d * P32 + j + 8);
+    UNROLL for (int t = 0; t < T; ++t) {
+      const __m256 b = _mm256_broadcast_ss(q[t] + d);
+      acc[t][0] = _mm256_fmadd_ps(b, k0, acc[t][0]);
+      acc[t][1] = _mm256_fmadd_ps(b, k1, acc[t][1]);
+    }
+  }
+  UNROLL for (int t = 0; t < T; ++t) {
+    _mm256_storeu_ps(s[t] + j, _mm256_mul_ps(acc[t][0], scale));
+    _mm256_storeu_ps(s[t] + j + 8, _mm256_mul_ps(acc[t][1], scale));
+  }
+}
+
+// out[t][d0 .. d0 + 8C) += sum over prefix keys j < P of p[t][j] * value j, for T queries.
+template <int T, int C>
+void value_tile(const float* const* p, const float* values, int64_t P, int64_t D, int64_t d0, float* const* out) {
+  __m256 acc[T][C];
+  UNROLL for (int t = 0; t < T; ++t) UNROLL for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < P; ++j) {
+    __m256 v[C];
+    UNROLL for (int c = 0; c < C; ++c) v[c] = _mm256_loadu_ps(values + j * D + d0 + 8 * c);
+    UNROLL for (int t = 0; t < T; ++t) {
+      const __m256 w = _mm256_broadcast_ss(p[t] + j);
+      UNROLL for (int c = 0; c < C; ++c) acc[t][c] = _mm256_fmadd_ps(w, v[c], acc[t][c]);
+    }
+  }
+  UNROLL for (int t = 0; t < T; ++t) UNROLL for (int c = 0; c < C; ++c) {
+    float* o = out[t] + d0 + 8 * c;
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[t][c]));
+  }
+}
+
+#if defined(__AVX512F__)
+// The same tiles 16 floats wide, for the AVX512 builds (32 registers: 6 x 2 score and 4 x 4 value accumulators).
+template <int T>
+void score_tile512(const float* const* q, const float* kt, int64_t P32, int64_t j, int64_t D, __m512 scale,
+                   float* const* s) {
+  __m512 acc[T][2];
+  UNROLL for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 k0 = _mm512_loadu_ps(kt + d * P32 + j), k1 = _mm512_loadu_ps(kt + d * P32 + j + 16);
+    UNROLL for (int t = 0; t < T; ++t) {
+      const __m512 b = _mm512_set1_ps(q[t][d]);
+      acc[t][0] = _mm512_fmadd_ps(b, k0, acc[t][0]);
+      acc[t][1] = _mm512_fmadd_ps(b, k1, acc[t][1]);
+    }
+  }
+  UNROLL for (int t = 0; t < T; ++t) {
+    _mm512_storeu_ps(s[t] + j, _mm512_mul_ps(acc[t][0], scale));
+    _mm512_storeu_ps(s[t] + j + 16, _mm512_mul_ps(acc[t][1], scale));
+  }
+}
+
+template <int T>
+void value_tile512(const float* const* p, const float* values, int64_t P, int64_t D, int64_t d0, float* const* out) {
+  __m512 acc[T][4];
+  UNROLL for (int t = 0; t < T; ++t) UNROLL for (int c = 0; c < 4; ++c) acc[t][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < P; ++j) {
+    __m512 v[4];
+    UNROLL for (int c = 0; c < 4; ++c) v[c] = _mm512_loadu_ps(values + j * D + d0 + 16 * c);
+    UNROLL for (int t = 0; t < T; ++t) {
+      const __m512 w = _mm512_set1_ps(p[t][j]);
+      UNROLL for (int c = 0; c < 4; ++c) acc[t][c] = _mm512_fmadd_ps(w, v[c], acc[t][c]);
+    }
+  }
+  UNROLL for (int t = 0; t < T; ++t) UNROLL for (int c = 0; c < 4; ++c) {
+    float* o = out[t] + d0 + 16 * c;
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[t][c]));
+  }
+}
+#endif
+
+// score tiles of every query for the block of 32 keys at j
+void score_block(const float* const* q, int64_t nq, const float* kt, int64_t P32, int64_t j, int64_t D, float scale,
+                 float* const* s) {
+#if defined(__AVX512F__)
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t t = 0;
+  for (; t + kScoreTile <= nq; t += kScoreTile) score_tile512<kScoreTile>(q + t, kt, P32, j, D, sc, s + t);
+  switch (nq - t) {
+    case 5: score_tile512<5>(q + t, kt, P32, j, D, sc, s + t); break;
+    case 4: score_tile512<4>(q + t, kt, P32, j, D, sc, s + t); break;
+    case 3: score_tile512<3>(q + t, kt, P32, j, D, sc, s + t); break;
+    case 2: score_tile512<2>(q + t, kt, P32, j, D, sc, s + t); break;
+    case 1: score_tile512<1>(q + t, kt, P32, j, D, sc, s + t); break;
+    default: break;
+  }
+#else
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t half = j; half < j + 32; half += 16) {
+    int64_t t = 0;
+    for (; t + kScoreTile <= nq; t += kScoreTile) score_tile<kScoreTile>(q + t, kt, P32, half, D, sc, s + t);
+    switch (nq - t) {
+      case 5: score_tile<5>(q + t, kt, P32, half, D, sc, s + t); break;
+      case 4: score_tile<4>(q + t, kt, P32, half, D, sc, s + t); break;
+      case 3: score_tile<3>(q + t, kt, P32, half, D, sc, s + t); break;
+      case 2: score_tile<2>(q + t, kt, P32, half, D, sc, s + t); break;
+      case 1: score_tile<1>(q + t, kt, P32, half, D, sc, s + t); break;
+      default: break;
+    }
+  }
+#endif
+}
+
+// out[t] += the prefix's values weighted by p[t], for every query
+void value_blocks(const float* const* p, int64_t nq, const float* values, int64_t P, int64_t D, float* const* out) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 64 <= D; d0 += 64) {
+    int64_t t = 0;
+    for (; t + 4 <= nq; t += 4) value_tile512<4>(p + t, values, P, D, d0, out + t);
+    switch (nq - t) {
+      case 3: value_tile512<3>(p + t, values, P, D, d0, out + t); break;
+      case 2: value_tile512<2>(p + t, values, P, D, d0, out + t); break;
+      case 1: value_tile512<1>(p + t, values, P, D, d0, out + t); break;
+      default: break;
+    }
+  }
+#endif
+  // what 64-wide chunks leave (all of D on the AVX2 build): 32 dimensions for 2 queries at a time (8 + 4 of the
+  // 16 registers), then 8 for 3
+  for (; d0 + 32 <= D; d0 += 32) {
+    int64_t t = 0;
+    for (; t + 2 <= nq; t += 2) value_tile<2, 4>(p + t, values, P, D, d0, out + t);
+    if (t < nq) value_tile<1, 4>(p + t, values, P, D, d0, out + t);
+  }
+  for (; d0 < D; d0 += 8) {
+    int64_t t = 0;
+    for (; t + 3 <= nq; t += 3) value_tile<3, 1>(p + t, values, P, D, d0, out + t);
+    if (nq - t == 2) value_tile<2, 1>(p + t, values, P, D, d0, out + t);
+    if (nq - t == 1) value_tile<1, 1>(p + t, values, P, D, d0, out + t);
+  }
+}
+
+// Attention of nq queries (q[t], each D floats; query t belongs to a row with keys 0 .. lengths[t]-1, all
+// longer than the prefix) of one key/value head: prefix keys 0 .. P-1 from kt ([D, P32], transposed) and
+// prefix_values ([P, D]), the rest from the query's own slot (keys[t], values[t], indexed by position).
+// scores: nq * stride floats, stride >= P32 and >= every length. out[t]: D floats, written.
+void attend_prefix_block(const float* const* q, int64_t nq, const int64_t* lengths, const float* kt, int64_t P,
+                         int64_t P32, const float* prefix_values, const float* const* keys,
+                         const float* const* values, int64_t D, float* scores, int64_t stride, float* const* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  std::vector<float*> s(nq);
+  for (int64_t t = 0; t < nq; ++t) s[t] = scores + t * stride;
+  // the prefix's scores: key blocks outside, so a block's transposed keys (D x 32 floats) stay in L1
+  for (int64_t j = 0; j < P32; j += 32) score_block(q, nq, kt, P32, j, D, scale, s.data());
+  // each query's own keys, its softmax over all its keys, its own values' part; the prefix's probabilities
+  // are then scaled by the softmax's 1/sum, for the weighted prefix values below
+  for (int64_t t = 0; t < nq; ++t) {
+    const int64_t length = lengths[t];
+    dot_keys(q[t], keys[t], P, length, D, scale, s[t]);
+    const float inv = 1.f / exp_in_place(s[t], length, max_of(s[t], length, -INFINITY));
+    weigh_values(s[t], values[t], P, length, D, inv, false, out[t]);
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    int64_t j = 0;
+    for (; j + 8 <= P; j += 8) _mm256_storeu_ps(s[t] + j, _mm256_mul_ps(_mm256_loadu_ps(s[t] + j), inv8));
+    for (; j < P; ++j) s[t][j] *= inv;
+  }
+  value_blocks(s.data(), nq, prefix_values, P, D, out);
 }
 
 // h [M, hidden] += attention(norm(h)); h += mlp(norm(h)), for M rows that each sit in cache slot
@@ -741,13 +916,14 @@ void attend(const float* q, const float* prefix_keys, const float* prefix_values
 // attends, so the rows of one prompt's prefill see each other (causally, by position).
 // weights: qkv (q, k rows interleaved for the rotary pairs), o, gate_up, down; each q4 or q8.
 // rotations: [capacity, head_dim / 2, 2] cos, sin.
-// prefix_k, prefix_v: the shared prefix's keys and values once ([kv_heads, P, head_dim]); shared[r] (0 or
-// P) says how many of row r's first keys are read there rather than from its slot (whose copy is the same).
+// prefix_kt, prefix_v: the shared prefix's keys, transposed and padded with zeros to a multiple of 32 keys
+// ([kv_heads, head_dim, P32]), and its values ([kv_heads, P, head_dim]), once; shared[r] (0 or P) says how
+// many of row r's first keys are read there rather than from its slot (whose copy is the same).
 void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tensor& positions,
                    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rotations,
                    const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps, int64_t heads,
                    at::TensorList weight_list, bool int8_x, int64_t gemm_above,
-                   const std::optional<at::Tensor>& prefix_k, const std::optional<at::Tensor>& prefix_v,
+                   const std::optional<at::Tensor>& prefix_kt, const std::optional<at::Tensor>& prefix_v,
                    const std::optional<at::Tensor>& shared) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "decoder_layer: h must be contiguous float32 [M, hidden]");
@@ -768,17 +944,22 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   for (int64_t r = 0; r < M; ++r)
     TORCH_CHECK(sl[r] >= 0 && sl[r] < k_cache.size(0) && ps[r] >= 0 && ps[r] < capacity,
                 "decoder_layer: row ", r, " at slot ", sl[r], " position ", ps[r], " is outside the cache");
-  const bool has_prefix = prefix_k.has_value() && prefix_k->numel() > 0;
-  int64_t width = 0;
+  const bool has_prefix = prefix_kt.has_value() && prefix_kt->numel() > 0;
+  int64_t width = 0, width32 = 0;
   const int64_t* row_shared = nullptr;
   at::Tensor shared_ids;
   if (has_prefix) {
-    TORCH_CHECK(prefix_v.has_value() && shared.has_value(), "decoder_layer: prefix_k needs prefix_v and shared");
-    width = prefix_k->size(1);
-    TORCH_CHECK(prefix_k->dim() == 3 && prefix_k->scalar_type() == at::kFloat && prefix_k->is_contiguous() &&
-                    prefix_k->size(0) == kv_heads && prefix_k->size(2) == D && prefix_v->sizes() == prefix_k->sizes() &&
-                    prefix_v->scalar_type() == at::kFloat && prefix_v->is_contiguous() && width <= capacity,
-                "decoder_layer: the prefix's keys and values must be contiguous float32 [kv_heads, P, head_dim]");
+    TORCH_CHECK(prefix_v.has_value() && shared.has_value(), "decoder_layer: prefix_kt needs prefix_v and shared");
+    TORCH_CHECK(prefix_v->dim() == 3 && prefix_v->scalar_type() == at::kFloat && prefix_v->is_contiguous() &&
+                    prefix_v->size(0) == kv_heads && prefix_v->size(2) == D && prefix_v->size(1) <= capacity,
+                "decoder_layer: the prefix's values must be contiguous float32 [kv_heads, P, head_dim]");
+    width = prefix_v->size(1);
+    width32 = prefix_kt->dim() == 3 ? prefix_kt->size(2) : 0;
+    TORCH_CHECK(prefix_kt->dim() == 3 && prefix_kt->scalar_type() == at::kFloat && prefix_kt->is_contiguous() &&
+                    prefix_kt->size(0) == kv_heads && prefix_kt->size(1) == D && width32 % 32 == 0 &&
+                    width32 >= width && width32 < width + 32,
+                "decoder_layer: the prefix's keys must be contiguous float32 [kv_heads, head_dim, P32], transposed "
+                "and padded to a multiple of 32 keys");
     shared_ids = shared->to(at::kLong).contiguous();
     TORCH_CHECK(shared_ids.numel() == M, "decoder_layer: one shared width per row");
     row_shared = shared_ids.data_ptr<int64_t>();
@@ -787,7 +968,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
                   " at position ", ps[r], " cannot read ", row_shared[r], " keys of a prefix of ", width);
   }
   if (M == 0) return;
-  const float* pkc = has_prefix ? prefix_k->data_ptr<float>() : nullptr;
+  const float* pkc = has_prefix ? prefix_kt->data_ptr<float>() : nullptr;
   const float* pvc = has_prefix ? prefix_v->data_ptr<float>() : nullptr;
 
   const std::vector<at::Tensor> weights = weight_list.vec();
@@ -830,18 +1011,58 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       std::copy_n(row + (heads + kv_heads + g) * D, D, vc + at_);
     }
   });
-  // (Tried: the prefix's part of all rows' attention as two batched matrix products, Hydragen's split. With
-  // fp32 MKL bmm it was slower than this loop over the prefix's one cached copy: 32 rows 27.2 vs 24.5 ms,
-  // 512 rows 296 vs 268 ms for 30 layers, AVX512-BF16 EPYC.)
-  at::parallel_for(0, M * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // (Tried before: the prefix's part of all rows' attention as two batched MKL matrix products per layer,
+  // Hydragen's split, with the two parts' softmaxes merged after: slower than one query at a time, 32 rows
+  // 27.2 vs 24.5 ms, 512 rows 296 vs 268 ms for 30 layers, AVX512-BF16 EPYC. The register tiles below need
+  // no merge, no call set-up, and keep each task's keys in L1.)
+  // rows that read the prefix, in tasks of a few rows and one key/value head (attend_prefix_block); the
+  // others one row and key/value head a task (attend), reading the prefix from their slot's copy: so does a
+  // lone row, whose keys are read from memory once either way and faster in the slot's order
+  std::vector<int64_t> with_prefix, without;
+  for (int64_t r = 0; r < M; ++r) (row_shared && row_shared[r] ? with_prefix : without).push_back(r);
+  if (with_prefix.size() < 2) {
+    without.insert(without.end(), with_prefix.begin(), with_prefix.end());
+    with_prefix.clear();
+  }
+  // rows per task: up to 8 (24 queries for SmolLM2's 3 query heads per key head), fewer where that would
+  // leave under 4 tasks a thread (4 rows in 3 tasks kept one of two threads waiting for the other)
+  const int64_t sharing = static_cast<int64_t>(with_prefix.size());
+  const int64_t per_task = std::clamp<int64_t>(sharing * kv_heads / (4 * at::get_num_threads()), 1, 8);
+  const int64_t chunks = (sharing + per_task - 1) / per_task;
+  const int64_t block_tasks = chunks * kv_heads;
+  const int64_t tasks = block_tasks + static_cast<int64_t>(without.size()) * kv_heads;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    std::vector<const float*> q, keys, values;
+    std::vector<float*> out;
+    std::vector<int64_t> lengths;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t r = t / kv_heads, g = t % kv_heads, length = ps[r] + 1;
+      if (t < block_tasks) {
+        const int64_t g = t / chunks, first = (t % chunks) * per_task;  // a thread's tasks share key heads
+        const int64_t last = std::min<int64_t>(first + per_task, sharing);
+        q.clear(), keys.clear(), values.clear(), out.clear(), lengths.clear();
+        int64_t stride = width32;
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t r = with_prefix[i], base = (sl[r] * kv_heads + g) * capacity * D;
+          stride = std::max(stride, ps[r] + 1);
+          for (int64_t j = 0; j < groups; ++j) {
+            q.push_back(mixed.data() + r * QKV + (g * groups + j) * D);
+            out.push_back(attended.data() + r * H + (g * groups + j) * D);
+            keys.push_back(kc + base);
+            values.push_back(vc + base);
+            lengths.push_back(ps[r] + 1);
+          }
+        }
+        scores.resize(q.size() * stride);
+        attend_prefix_block(q.data(), q.size(), lengths.data(), pkc + g * D * width32, width, width32,
+                            pvc + g * width * D, keys.data(), values.data(), D, scores.data(), stride, out.data());
+        continue;
+      }
+      const int64_t r = without[(t - block_tasks) / kv_heads], g = (t - block_tasks) % kv_heads, length = ps[r] + 1;
       scores.resize(length);
       const int64_t base = (sl[r] * kv_heads + g) * capacity * D;
-      const int64_t n = row_shared ? row_shared[r] : 0, pbase = g * width * D;
-      attend(mixed.data() + r * QKV + g * groups * D, n ? pkc + pbase : nullptr, n ? pvc + pbase : nullptr, n,
-             kc + base, vc + base, length, groups, D, scores.data(), attended.data() + r * H + g * groups * D);
+      attend(mixed.data() + r * QKV + g * groups * D, kc + base, vc + base, length, groups, D, scores.data(),
+             attended.data() + r * H + g * groups * D);
     }
   });
   o.apply(attended.data(), M, normed.data(), int8_x);
@@ -889,7 +1110,7 @@ PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
   m.def(
       "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
       "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
-      "bool int8_x=False, int gemm_above=9223372036854775807, Tensor? prefix_k=None, Tensor? prefix_v=None, "
+      "bool int8_x=False, int gemm_above=9223372036854775807, Tensor? prefix_kt=None, Tensor? prefix_v=None, "
       "Tensor? shared=None) -> ()");
 }
 
