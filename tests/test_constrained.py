@@ -276,3 +276,29 @@ def test_an_ambiguous_quantity_pins_no_number_and_answers_nan(tokenizer):
         for output in ["2 kg -> grams", "3 kg -> grams", "2.5 kg -> grams", "5 feet -> metres", "1 pounds -> kg"]:
             text, _, failure = solve(output, question)
             assert "<answer>" not in text and failure == "ambiguous_quantity", (question, output)
+
+
+def test_the_lexicon_is_made_once_and_read_back_the_same(tmp_path, monkeypatch):
+    """The lexicon (atoms and their units, 0.6 s of pint lookups) is cached between processes: what a later process
+    reads is what it would make; a damaged cache file is made again, not trusted."""
+    from pipeline import units
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path))
+
+    def fresh():
+        for cached in (units._lexicon, units.lexicon_atoms, units.atoms_by_unit):
+            cached.cache_clear()
+        return units.lexicon_atoms(), units.atoms_by_unit()
+
+    made = fresh()
+    file = units._lexicon_file()
+    assert file.is_file() and str(file).startswith(str(tmp_path))
+    assert fresh() == made  # read back
+    assert "kilograms" in made[1][units.unit_key("kg")] and len(made[0]) > 1500
+    file.write_text('{"atoms": ["kg"')
+    assert fresh() == made  # damaged: made again
+    file.write_text('{"atoms": ["kg"], "by_unit": {}}')
+    assert fresh()[0] == ("kg",)  # what is read is what is used (so the two tests above test the cache)
+    fresh()
+    monkeypatch.undo()
+    fresh()

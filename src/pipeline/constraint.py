@@ -341,23 +341,13 @@ def lexicon_constraint(question: str, tokenizer) -> FormConstraint | None:
     )
 
 
-@lru_cache(maxsize=1)
-def _atoms_by_unit() -> dict[str, tuple[str, ...]]:
-    from pipeline.units import lexicon_atoms, unit_key
-
-    by: dict[str, list[str]] = {}
-    for atom in lexicon_atoms():
-        by.setdefault(unit_key(atom), []).append(atom)
-    return {key: tuple(atoms) for key, atoms in by.items() if key}
-
-
 def source_spellings(mention) -> list[str]:
     """The pieces that may follow a quantity's number as its SOURCE: the question's own spellings of its unit
     and every lexicon spelling of the same unit (" kg", " kilograms", ...), each after its space."""
-    from pipeline.units import unit_key
+    from pipeline.units import atoms_by_unit, unit_key
 
     own = [s for s in (mention.spelling, mention.written) if s]
-    same = _atoms_by_unit().get(unit_key(mention.spelling) or "", ())
+    same = atoms_by_unit().get(unit_key(mention.spelling) or "", ())
     return list(dict.fromkeys(" " + s for s in (*own, *same)))
 
 

@@ -9,10 +9,14 @@ standing alone in a question. An alias table keeps only what pint reads otherwis
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import pint
 
@@ -124,7 +128,14 @@ def registry() -> pint.UnitRegistry:
     ureg.define("dataset_month = dataset_year / 12")
     ureg.define("dataset_decade = 10 * dataset_year")
     ureg.define("dataset_century = 100 * dataset_year")
+    _DEFINED[:] = list(ureg._units.items())
     return ureg
+
+
+# the registry's units as defined, before any parse: pint adds each prefixed unit it parses ("attohour") to the
+# same table, so a lexicon read from the table later depended on what the process had parsed before (a second
+# build in one process found 2163 atoms where the first found 2011)
+_DEFINED: list = []
 
 
 # ------------------------------------------------------------------ one word
@@ -496,9 +507,55 @@ def lexicon_atoms() -> tuple[str, ...]:
     their plurals, prefixed names and symbols as people write them, British spellings, the alias table and
     the temperatures, with dotted abbreviations (lb., oz.). Each one resolves; English words are left out
     but for "in" (inches, in a form)."""
-    ureg = registry()
+    return tuple(_lexicon()["atoms"])
+
+
+@lru_cache(maxsize=1)
+def atoms_by_unit() -> dict[str, tuple[str, ...]]:
+    """The lexicon's spellings by the unit they name (`unit_key`): every way to write one quantity's unit."""
+    return {key: tuple(atoms) for key, atoms in _lexicon()["by_unit"].items()}
+
+
+def _lexicon_file() -> Path:
+    """Where the lexicon is kept between processes, named by what decides it: this module and pint's version."""
+    from pipeline.config import default_cache_dir
+
+    digest = hashlib.sha1(Path(__file__).read_bytes() + pint.__version__.encode()).hexdigest()[:12]
+    return default_cache_dir() / "lexicon" / f"atoms-{digest}.json"
+
+
+@lru_cache(maxsize=1)
+def _lexicon() -> dict:
+    """The lexicon's atoms and their units: 0.6 s of pint lookups, made once and cached (a warm process's
+    constraint set-up, which the course times with the model's construction)."""
+    file = _lexicon_file()
+    try:
+        cached = json.loads(file.read_text())
+        if isinstance(cached.get("atoms"), list) and isinstance(cached.get("by_unit"), dict):
+            return cached
+    except (OSError, ValueError, AttributeError):
+        pass
+    atoms = _lexicon_atoms()
+    by_unit: dict[str, list[str]] = {}
+    for atom in atoms:
+        key = unit_key(atom)
+        if key:
+            by_unit.setdefault(key, []).append(atom)
+    made = {"atoms": list(atoms), "by_unit": by_unit}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(made))
+        tmp.replace(file)
+    except OSError:  # a read-only cache: the next process makes it again
+        pass
+    return made
+
+
+def _lexicon_atoms() -> tuple[str, ...]:
+    registry()
     atoms: set[str] = set()
-    for name, definition in ureg._units.items():
+    for name, definition in _DEFINED:
         if name.startswith("dataset_") or getattr(definition.converter, "is_logarithmic", False):
             continue
         for spelling in {definition.name, definition.defined_symbol, *definition.aliases} - {None, ""}:
