@@ -7,6 +7,7 @@ python run.py -m precision=fp32,bf16 attention=eager,sdpa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -162,12 +163,30 @@ def check_group_options(args: list[str], conf_dir: Path = Path(__file__).resolve
     return None
 
 
+def _checked_marker(args: list[str], conf_dir: Path) -> Path:
+    """Where a passed check of these overrides against this conf/ and schema is remembered."""
+    import hashlib
+
+    from pipeline.config import default_cache_dir
+
+    digest = hashlib.sha1(json.dumps([args, hydra.__version__]).encode())
+    schema = Path(__file__).resolve().parent / "src" / "pipeline" / "config.py"
+    for file in [*sorted(conf_dir.rglob("*")), schema]:
+        if file.is_file():
+            digest.update(str(file).encode() + b"\0" + file.read_bytes())
+    return default_cache_dir() / "checked" / digest.hexdigest()[:16]
+
+
 def check_overrides(args: list[str], conf_dir: Path = Path(__file__).resolve().parent / "conf") -> str | None:
     """Compose the config as the run will, and turn a misspelled key or a wrong type into one line (else None).
 
-    Sweeps and Hydra's own flags are left to Hydra.
+    Sweeps and Hydra's own flags are left to Hydra. A check passed before with the same overrides, conf/ and
+    schema is not composed again (a third of a second of a warm process's ready time).
     """
     if any(a.startswith("-") for a in args):
+        return None
+    marker = _checked_marker(args, conf_dir)
+    if marker.is_file():
         return None
     from hydra import compose, initialize_config_dir
     from omegaconf.errors import OmegaConfBaseException
@@ -186,6 +205,11 @@ def check_overrides(args: list[str], conf_dir: Path = Path(__file__).resolve().p
         if "not in" in reason or "not in struct" in reason:
             return f"{key}: no such setting ({reason}); check the spelling, the keys are in conf/"
         return f"{key}: {reason}" if key else reason
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache only costs the next run this check again
+        pass
     return None
 
 

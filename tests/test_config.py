@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 from conftest import CONF, run_app
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from pipeline.config import Config, GenerationConfig, PromptConfig, load_config
@@ -189,3 +191,34 @@ def test_cli_typo_and_wrong_type_are_one_line(tmp_path, override, needle):
     assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines() if line]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_passed_override_check_is_remembered_until_conf_or_the_overrides_change(tmp_path, monkeypatch):
+    """run.py composes the config once more to turn Hydra's errors into one line; a check these overrides passed
+    against this conf/ and schema is not composed again, a different override or an edited conf/ is."""
+    import hydra
+
+    import run
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    composed = []
+    real = hydra.compose
+
+    def counting(*args, **kwargs):
+        composed.append(kwargs.get("overrides"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hydra, "compose", counting)
+    GlobalHydra.instance().clear()
+    assert run.check_overrides(["stages.batched=false"], conf) is None
+    assert run.check_overrides(["stages.batched=false"], conf) is None
+    assert len(composed) == 1
+    assert "no such setting" in run.check_overrides(["stages.batchd=false"], conf)
+    assert "no such setting" in run.check_overrides(["stages.batchd=false"], conf)  # failures are never remembered
+    (conf / "stages" / "default.yaml").write_text((conf / "stages" / "default.yaml").read_text().replace(
+        "batched: true", "batched: maybe"))  # fmt: skip
+    assert "not a valid bool" in run.check_overrides(["stages.batched=false"], conf)  # checked again, and caught
+    assert len(composed) == 4
+    GlobalHydra.instance().clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,3 +164,56 @@ def test_hub_model_offline_fails_fast_naming_the_embedded_default(monkeypatch):
     with pytest.raises(PipelineError, match="model=smollm2-135m"):
         load_model(cfg, CPU, torch.float32, "sdpa")
     assert time.perf_counter() - start < 30
+
+
+def test_the_engine_reads_the_gguf_config_as_transformers_does():
+    """The engine's config, read from the GGUF header without transformers' Llama package (0.7 s of imports), has
+    the values transformers' own GGUF loader gives, and becomes the same LlamaConfig for the reference model."""
+    from transformers import AutoConfig
+
+    from pipeline import engine_weights
+    from pipeline.models import embedded_gguf
+
+    try:
+        path = embedded_gguf()
+    except PipelineError as error:
+        pytest.skip(str(error))
+    ours = engine_weights.llama_config(engine_weights.read_gguf(path))
+    theirs = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    converted = ours.to_transformers()
+    assert type(converted) is type(theirs)
+    for key in ours.fields():
+        if key == "rope_parameters":
+            assert converted.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
+            continue
+        assert getattr(ours, key) == getattr(theirs, key) == getattr(converted, key), key
+    assert engine_weights.LlamaShape.from_dict(json.loads(ours.to_json_string())) == ours
+
+
+def test_the_cached_gguf_tokenizer_is_the_one_autotokenizer_loads(tmp_path):
+    """gguf_tokenizer loads the cached folder's class directly (no AutoTokenizer imports): the same class, special
+    tokens, chat template and token ids as AutoTokenizer on the same folder; a folder naming another class still
+    goes through AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import _cache_folder, gguf_tokenizer
+
+    try:
+        path = embedded_gguf()
+    except PipelineError as error:
+        pytest.skip(str(error))
+    cache = tmp_path / "cache"
+    gguf_tokenizer(path, cache)  # extracts and caches the folder
+    ours = gguf_tokenizer(path, cache)
+    folder = _cache_folder(path, cache) / "tokenizer"
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    assert type(ours) is type(theirs) and type(ours).__name__ == "TokenizersBackend"
+    chat = [{"role": "system", "content": "Convert units."}, {"role": "user", "content": "How many g in 6 kg?"}]
+    for tokenizer in (ours, theirs):
+        assert tokenizer.eos_token == theirs.eos_token and tokenizer.pad_token == theirs.pad_token
+    assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+    text = "<answer>6000</answer> 3.5 µm in ft², 12 °F"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] and len(ours) == len(theirs)
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"TokenizersBackend"', '"GPT2Tokenizer"'))
+    assert type(gguf_tokenizer(path, cache)).__name__ == "GPT2Tokenizer"

@@ -17,6 +17,16 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
+
+def default_cache_dir() -> Path:
+    """Where the project caches (models, calibrations, kernels): $PIPELINE_CACHE_DIR, else
+    $XDG_CACHE_HOME/llm-pipeline. Here, not in pipeline.models, so run.py's checks need no torch."""
+    if os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(os.environ["PIPELINE_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "llm-pipeline"
+
+
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 ACTIVATIONS = ("auto", "fp32", "int8")
 GEMM_DTYPES = ("auto", "fp32", "bf16")

@@ -370,7 +370,8 @@ class Engine:
         if self._rotary is None:
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-            self._rotary = LlamaRotaryEmbedding(config=self.config)
+            config = self.config.to_transformers() if hasattr(self.config, "to_transformers") else self.config
+            self._rotary = LlamaRotaryEmbedding(config=config)
         cos, sin = self._rotary(self.embedding[:1].unsqueeze(0), torch.arange(length).unsqueeze(0))
         half = self.head_dim // 2  # transformers' tables repeat the angles for the second half of a head
         return cos[0, :, :half].float(), sin[0, :, :half].float()
