@@ -278,7 +278,7 @@ def quantize_x_int8(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
-@pytest.mark.parametrize("k,n", [(64, 8), (576, 963), (1536, 576)])
+@pytest.mark.parametrize("k,n", [(64, 8), (96, 17), (576, 963), (1536, 576)])  # 96: an odd block count
 def test_int8_activations_multiply_the_weights_with_x_rounded_to_int8(built, k, n):
     """One row with int8_x: exactly the product with x quantized per 32 (up to float summation order).
 
