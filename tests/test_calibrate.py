@@ -47,6 +47,14 @@ def test_the_lm_head_runs_our_kernel_for_a_full_batch_where_it_measured_no_slowe
     assert _calibration(**base).head_rows("q4") == 8
     # never a format of its own
     assert _calibration(**base, engine__head_q8={"32": 1.0}, engine__head_fp32={"32": 1.0}).engine_format() == "q4"
+    # with bf16 GEMM for the layers, the head's kernel is weighed against the head's bf16 GEMM, which runs then
+    heads = dict(engine__head_q8={"32": 12.0}, engine__head_fp32={"32": 18.0}, engine__head_bf16={"32": 4.0})
+    assert _calibration(**base, **heads).head_rows("q4", "bf16") == 8
+    assert _calibration(**base, **heads).head_rows("q4", "fp32") == 32
+    # a calibration from before the bf16 head was timed: against fp32 GEMM, as then
+    assert (
+        _calibration(**base, engine__head_q8={"32": 12.0}, engine__head_fp32={"32": 18.0}).head_rows("q4", "bf16") == 32
+    )
 
 
 def test_bf16_gemm_is_taken_only_for_a_clear_gain():

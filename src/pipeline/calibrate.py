@@ -126,11 +126,14 @@ class Calibration:
             return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.time("engine:fp32", r)), default=0)
         return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.gemm_ms(r)), default=0)
 
-    def head_rows(self, fmt: str) -> int:
+    def head_rows(self, fmt: str, gemm: str = "fp32") -> int:
         """The most rows for which the lm_head runs our kernel: 32 where its q8 product of 32 rows measured no
-        slower than fp32 GEMM (the head is one large matrix, read rather than computed), else `kernel_rows`."""
-        kernel, gemm = self.time("engine:head_q8", max(ROWS)), self.time("engine:head_fp32", max(ROWS))
-        if math.isfinite(kernel) and kernel <= gemm:
+        slower than the GEMM that takes more rows (`gemm`: fp32, or bf16 where the layers' GEMM is bf16; the
+        head is one large matrix, read rather than computed), else `kernel_rows`."""
+        kernel, gemm_ms = self.time("engine:head_q8", max(ROWS)), self.time(f"engine:head_{gemm}", max(ROWS))
+        if not math.isfinite(gemm_ms):  # a calibration from before bf16 heads were timed
+            gemm_ms = self.time("engine:head_fp32", max(ROWS))
+        if math.isfinite(kernel) and kernel <= gemm_ms:
             return max(ROWS)
         return self.kernel_rows(fmt)
 
@@ -297,9 +300,12 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
             engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))
             for rows in ROWS[1:]:  # one row is our kernel's, always
                 tasks.append((f"engine:{name}", rows, step(engine, rows, False, 0)))
-        # the lm_head of a full batched step of free rows: its q8 weights in our kernel, or its fp32 copy in GEMM
-        tasks.append(("engine:head_q8", max(ROWS), head(engines[-1], max(ROWS), 64)))
-        tasks.append(("engine:head_fp32", max(ROWS), head(engines[-1], max(ROWS), 0)))
+            # the lm_head of a full batched step of free rows: its q8 weights in our kernel, or in this GEMM
+            if dtype == torch.float32:
+                tasks.append(("engine:head_q8", max(ROWS), head(engine, max(ROWS), 64)))
+            tasks.append(
+                (f"engine:head_{'fp32' if dtype == torch.float32 else 'bf16'}", max(ROWS), head(engine, max(ROWS), 0))
+            )
     return tasks
 
 
@@ -365,7 +371,7 @@ def candidates(backend: str | None = None) -> list[str]:
         *(("q8", "q4", f"q8{X8}", f"q4{X8}", "gemm", "head_q8", "head_fp32") if kernels.available() else ()),
     ]
     if kernels.available() and cpu.current().fast_bf16:
-        engine.append("gemm_bf16")
+        engine += ["gemm_bf16", "head_bf16"]
     names = {
         "engine": [f"engine:{f}" for f in engine],
         "transformers": [f"transformers:{f}" for f in ("fp32", "bf16", "int8")],

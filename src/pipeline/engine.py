@@ -284,7 +284,8 @@ class Engine:
         self.layers = [Layer(state, i, fmt, max_kernel_rows, gemm_dtype) for i in range(config.num_hidden_layers)]
         self.norm = state["norm"]
         head_packed = tuple(state[f"lm_head.{key}"] for key in PACKED[head_format(fmt)])
-        self.lm_head = Linear(state["lm_head.t"], head_packed, head_format(fmt), max_kernel_rows)
+        # the head's GEMM (a batched step's rows above its kernel limit) in the layers' GEMM dtype
+        self.lm_head = Linear(state["lm_head.t"], head_packed, head_format(fmt), max_kernel_rows, gemm_dtype)
         self._rotary = None  # transformers' LlamaRotaryEmbedding, for RoPE types other than the default
         self.rotations = torch.empty(0, dtype=torch.complex64)
         self.rotations_real = torch.empty(0)  # the same as [length, dim/2, (cos, sin)] for the fused kernel

@@ -81,7 +81,6 @@ class EngineBackend:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
         # an explicit format runs its kernel even where fp32 GEMM measured faster for one row
         rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" and has_kernel else 0
-        head_rows = max(rows, calibration.head_rows(fmt)) if rows else 0  # the lm_head's q8 on our kernel
         activations = cfg.precision.activations
         int8_x = rows > 0 and (activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt)))
         if activations == "int8" and fmt == "fp32":
@@ -91,6 +90,7 @@ class EngineBackend:
         gemm = cfg.precision.gemm if cfg.precision.gemm != "auto" else calibration.gemm_dtype()
         if gemm == "bf16" and (rows == 0 or fmt == "fp32"):
             gemm = "fp32"  # fp32 weights stay exact, and without a kernel the eager path keeps fp32
+        head_rows = max(rows, calibration.head_rows(fmt, gemm)) if rows else 0  # the lm_head's q8 on our kernel
         if cfg.precision.gemm == "bf16" and not cpu.current().fast_bf16:
             self.warnings.append(
                 f"precision.gemm=bf16 on CPU kind {cpu.current().kind}: bf16 GEMM is emulated here and slow"
