@@ -147,3 +147,17 @@ def test_quick_bench_end_to_end_on_the_tiny_model(tmp_path):
     assert "| default | constrained |" in text and "| default-free | free |" in text
     assert "| default (the default strategy) | shipped |" in text and "the first process after install" in text
     assert "## Targets" in text and "warm process ready" in text
+
+
+def test_time_intervals_are_on_the_log_scale_and_never_below_zero():
+    """Ready times with one slow repetition (22.7 s among 3.6 and 3.8, seen in a bench): the interval stays
+    positive and wide (inconclusive against 1 s rather than a negative bound), and steady times judge as before."""
+    from pipeline.bench.judge import mean_interval, seconds_target
+
+    mean, low, high = mean_interval([22.69, 3.58, 3.81])
+    assert 0 < low < 3.58 < 22.69 < high and abs(mean - (22.69 * 3.58 * 3.81) ** (1 / 3)) < 1e-9
+    assert seconds_target(19, "warm", [22.69, 3.58, 3.81], 1.0).verdict == "inconclusive"
+    assert seconds_target(19, "warm", [3.6, 3.8, 3.7], 1.0).verdict == "missed"
+    assert seconds_target(19, "warm", [0.5, 0.52, 0.51], 1.0).verdict == "met"
+    one = mean_interval([2.0])
+    assert one[0] == 2.0 and math.isnan(one[1]) and math.isnan(one[2])  # no interval from one

@@ -73,16 +73,19 @@ def accuracy_target(issue: int, what: str, correct: int, total: int, target: flo
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t interval of repeated measurements (no interval from one)."""
-    clean = [v for v in values if not math.isnan(v)]
+    """Geometric mean and 95% t interval of repeated positive measurements (times, shares), on the log scale as
+    the ratios are: a machine's noise multiplies, and a linear interval around one slow repetition ran below
+    zero seconds. No interval from one measurement."""
+    clean = [v for v in values if not math.isnan(v) and v > 0]
     if not clean:
         return math.nan, math.nan, math.nan
-    mean = sum(clean) / len(clean)
-    if len(clean) < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in clean) / (len(clean) - 1))
-    half = t95(len(clean) - 1) * sd / math.sqrt(len(clean))
-    return mean, mean - half, mean + half
+    logs = [math.log(v) for v in clean]
+    mean = sum(logs) / len(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in logs) / (len(logs) - 1))
+    half = t95(len(logs) - 1) * sd / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def seconds_target(issue: int, what: str, values: list[float], target: float, note: str = "") -> Target:
