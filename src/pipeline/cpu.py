@@ -44,8 +44,10 @@ ISA_KIND = {"avx2": "avx2", "avx512": "avx512", "avx512vnni": "avx512"}
 ISA_ENV = "PIPELINE_KERNEL_ISA"
 
 
+@lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist: macOS, Windows)."""
+    """The CPU feature flags from /proc/cpuinfo (empty where that file does not exist: macOS, Windows); read once
+    per process: every call of our ops asks which kernel build is in force, and reading the file cost 46 us."""
     from pipeline.environment import cpuinfo_field
 
     return frozenset((cpuinfo_field("flags") or "").split())
@@ -85,16 +87,7 @@ class CpuKind:
     def kernel_isa(self) -> str | None:
         """The kernel build to load: the best ISA the kind allows and the CPU's flags run ($PIPELINE_KERNEL_ISA
         picks a lower one); None for `none`."""
-        flags, asked = cpu_flags(), os.environ.get(ISA_ENV, "").strip()
-        ceiling = min(rank(self.kind), rank(self.detected))
-        runnable = [isa for isa in KERNEL_ISAS if rank(ISA_KIND[isa]) <= ceiling and ISA_NEEDS[isa] <= set(flags)]
-        if asked:
-            if asked not in KERNEL_ISAS:
-                raise PipelineError(f"{ISA_ENV}={asked} is not a kernel build; choose one of: {', '.join(KERNEL_ISAS)}")
-            if asked not in runnable:
-                raise PipelineError(f"{ISA_ENV}={asked} does not run under CPU kind {self.describe()}; unset it")
-            return asked
-        return runnable[0] if runnable else None
+        return _kernel_isa(self, os.environ.get(ISA_ENV, "").strip())
 
     def describe(self) -> str:
         """e.g. 'avx512_bf16', 'avx2 (forced; the CPU is avx512_bf16)', 'amx (simulated on avx2)'."""
@@ -102,6 +95,20 @@ class CpuKind:
             return self.kind
         how = "simulated on" if self.simulated else "forced; the CPU is"
         return f"{self.kind} ({how} {self.detected})"
+
+
+@lru_cache(maxsize=32)
+def _kernel_isa(kind: CpuKind, asked: str) -> str | None:
+    """CpuKind.kernel_isa, worked out once per kind and $PIPELINE_KERNEL_ISA: every call of our ops asks it."""
+    ceiling = min(rank(kind.kind), rank(kind.detected))
+    runnable = [isa for isa in KERNEL_ISAS if rank(ISA_KIND[isa]) <= ceiling and ISA_NEEDS[isa] <= cpu_flags()]
+    if asked:
+        if asked not in KERNEL_ISAS:
+            raise PipelineError(f"{ISA_ENV}={asked} is not a kernel build; choose one of: {', '.join(KERNEL_ISAS)}")
+        if asked not in runnable:
+            raise PipelineError(f"{ISA_ENV}={asked} does not run under CPU kind {kind.describe()}; unset it")
+        return asked
+    return runnable[0] if runnable else None
 
 
 def current() -> CpuKind:
