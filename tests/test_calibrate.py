@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.calibrate import MIX, ROWS, Calibration, calibrate, candidates, measure
+from pipeline.calibrate import MIX, ROWS, TILE_ROWS, Calibration, calibrate, candidates, measure
 
 
 def _calibration(**step_ms) -> Calibration:
@@ -64,6 +64,31 @@ def test_bf16_gemm_is_taken_only_for_a_clear_gain():
     assert _calibration(**base).gemm_dtype() == "fp32"  # not native here: not measured
 
 
+def test_int8_tiles_take_the_rows_past_the_kernel_up_to_where_gemm_is_faster():
+    """The tiles (q4 only) run from the kernel's limit up to the last row count where they measured no slower than
+    the GEMM chosen, at every count below it too; the kernel's limit, the format's cost and jump-forward weigh
+    what then runs past the kernel."""
+    gemms = dict(engine__gemm=_times(100, 100), engine__gemm_bf16=_times(30, 40))
+    gemms["engine:gemm_bf16"] = gemms.pop("engine__gemm_bf16") | {"128": 90.0}
+    tiles = {"4": 5.0, "8": 8.0, "32": 25.0, "128": 110.0}
+    base = dict(engine__fp32=_times(80, 120), engine__q4=_times(4, 70), engine__q8=_times(4, 70))
+    cal = _calibration(**base, **gemms, engine__tiles=tiles)
+    assert cal.gemm_dtype() == "bf16"
+    assert cal.tile_rows("q4") == 32  # slower than bf16 at 128 rows
+    assert cal.tile_rows("q8") == 0  # tiles hold q4 weights only
+    # q4's kernel (4 + 66 * 3/31 = 10.4 ms at 4 rows) is slower than the tiles: it keeps one row; q8's is weighed
+    # against bf16 (18.9 ms against 32.3 at 8 rows, 70 against 40 at 32)
+    assert cal.kernel_rows("q4") == 1 and cal.kernel_rows("q8") == 8
+    assert cal.kernel_rows("q4", tiles=False) == 8  # precision.gemm=bf16 asked for: the kernel against bf16 alone
+    assert cal.many_ms(32, "q4") == 25.0 and cal.many_ms(128, "q4") == 90.0 and cal.many_ms(32, "q8") == 40.0
+    assert cal.engine_format() == "q4"  # q4 and q8 alike but for the tiles' 32-row step
+    assert cal.jump_forward_pays("q4")  # 8 rows in the tiles (8 ms) against 8 one-row steps (32 ms)
+    assert cal.choices() != _calibration(**base, **gemms).choices()
+    slow = _calibration(**base, **gemms, engine__tiles={"4": 50.0, "8": 8.0, "32": 25.0, "128": 80.0})
+    assert slow.tile_rows("q4") == 0  # slower at 4 rows: not used at all, whatever larger counts measured
+    assert _calibration(**base, **gemms).tile_rows("q4") == 0  # not measured (an AVX2 CPU): never
+
+
 def test_int8_activations_are_picked_only_for_a_clear_gain_and_follow_the_allowed_activations():
     cal = _calibration(
         engine__fp32=_times(80, 120),
@@ -114,8 +139,8 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
     assert set(step_ms) == set(candidates())
     for name, times in step_ms.items():
         expected = {"1"} if name.endswith("x8") else {str(r) for r in ROWS}
-        if name.startswith("engine:gemm"):
-            expected = {str(r) for r in ROWS[1:]}  # one row is always our kernel's
+        if name.startswith(("engine:gemm", "engine:tiles")):
+            expected = {str(r) for r in TILE_ROWS}  # one row is always our kernel's; 128 rows: a prefill
         if name.startswith("engine:head"):
             expected = {str(max(ROWS))}  # the lm_head of a full batched step, our kernel against GEMM
         assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name

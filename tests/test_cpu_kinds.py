@@ -136,6 +136,8 @@ def test_the_calibration_measures_what_each_kind_runs(kind, tmp_path):
     result = calibrate(tiny.model.config, tmp_path / "cache", log=lambda line: None)
     engine = {name for name in result.step_ms if name.startswith("engine:")}
     assert ("engine:q4" in engine) == (kind != NO_KERNEL) and "engine:fp32" in engine
+    # the int8 tiles where the kind's kernel build is an AVX512 one (a forced avx2 kind on this CPU: not measured)
+    assert ("engine:tiles" in engine) == (str(cpu.current().kernel_isa).startswith("avx512"))
     # bf16 activations for torch's int8 kernel exactly where the kind computes bf16 natively: the crashing branch
     assert _int8_activations_bf16() == (kind in ("avx512_bf16", "amx"))
     for name, times in result.step_ms.items():
@@ -148,14 +150,17 @@ def test_the_calibration_measures_what_each_kind_runs(kind, tmp_path):
     [
         ("backend=engine", "precision=q4"),
         ("backend=engine", "precision=int8", "precision.activations=int8"),
+        ("backend=engine", "precision=q4", "precision.gemm=int8x2"),
+        ("backend=engine", "precision=int8", "precision.gemm=int8"),
         ("backend=transformers", "precision=int8"),
         ("backend=transformers", "precision=bf16"),
     ],
-    ids=["engine-q4", "engine-q8-x8", "transformers-int8", "transformers-bf16"],
+    ids=["engine-q4", "engine-q8-x8", "engine-q4-tiles", "engine-q8-tiles", "transformers-int8", "transformers-bf16"],
 )
 def test_every_format_runs_under_every_kind(kind, tmp_path, overrides):
     """Explicit formats, including their fallbacks: without a kernel, q4/q8 run dequantized once (never per call)
-    and say so; torch's int8 kernel gets activations and scales in one dtype on every kind."""
+    and say so; torch's int8 kernel gets activations and scales in one dtype on every kind; the int8 tiles run
+    where the kind's kernel build is an AVX512 one and the weights q4, and elsewhere say what runs instead."""
     result, log = _run(tmp_path, "explicit", *overrides, "stages.grader_loss=false", questions=2)
     assert result.status == "finished"
     for stage in result.stages:
@@ -165,6 +170,11 @@ def test_every_format_runs_under_every_kind(kind, tmp_path, overrides):
         assert result.tags["engine_kernel_rows"] == "0"
     if kind != NO_KERNEL and overrides[0] == "backend=engine":
         assert result.tags["kernel"].startswith(str(cpu.current().kernel_isa))
+    asked = next((o.split("=", 1)[1] for o in overrides if o.startswith("precision.gemm=")), "")
+    if asked:
+        tiles = "precision=q4" in overrides and str(cpu.current().kernel_isa).startswith("avx512")
+        assert result.tags["tiles"] == (asked if tiles else "none")
+        assert tiles or any(f"precision.gemm={asked} needs" in w for w in result.warnings), result.warnings
 
 
 def test_the_course_adapter_runs_to_its_loss_under_every_kind(kind, tmp_path, monkeypatch):

@@ -287,6 +287,47 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_fused_layer_with_int8_tiles_equals_the_eager_layers(tiny, built, split):
+    """Prefills and steps of more than one row through the int8 tiles (two digits, or one) give the eager path's
+    tokens and logits, which multiplies through the same tiles: the fused layer hands each product the right
+    tiles, rows and limit. One-row steps stay on the q4 kernel. The AVX2 build has no tiles: asking for them is
+    a clear error at construction, not a crash in the first step."""
+    from pipeline.errors import PipelineError
+
+    if built.name == "pipeline_avx2":
+        with pytest.raises(PipelineError, match="need an AVX512 build"):
+            Engine(tiny.model, "q4", max_kernel_rows=1, tiles=True)
+        return
+    tokenizer = tiny.tokenizer
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:5]]
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    results = {}
+    for fused in (True, False):
+        engine = Engine(tiny.model, "q4", max_kernel_rows=1, tiles=True)
+        engine.set_tile_rows(64, split)
+        engine.fused = fused
+        with torch.inference_mode():
+            engine.set_prefix(prompts[0][:20])
+            generated = [seq.generated for seq in engine.generate(prompts, 8, stopper, slots=3)]
+            step = engine.decode_one_token(torch.tensor([5, 9, 4]), torch.tensor([30, 26, 41]))
+        results[fused] = generated, step
+    assert results[True][0] == results[False][0]
+    # one digit: the two paths' x differ in the last bits (summation order), which moves a rounding of x across
+    # its boundary now and then, a step of max|x| / 127 in that block
+    scale = float(results[False][1].abs().max())
+    tolerance = 1e-4 if split else 3e-2 * scale
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=tolerance)
+    exact = Engine(tiny.model, "q4", max_kernel_rows=64)  # every product on the q4 kernel, fp32 activations
+    with torch.inference_mode():
+        exact.set_prefix(prompts[0][:20])
+        exact.generate(prompts, 8, stopper, slots=3)
+        reference = exact.decode_one_token(torch.tensor([5, 9, 4]), torch.tensor([30, 26, 41]))
+    error = float((results[True][1] - reference).abs().max() / reference.abs().max())
+    assert error < (2e-3 if split else 5e-2)
+    assert error > 0 or not split  # the tiles ran: their rounding of x is visible
+
+
 @pytest.fixture(scope="module")
 def wide_heads():
     """A random Llama with SmolLM2's head shape (head_dim 64, 3 query heads per key/value head)."""

@@ -301,3 +301,72 @@ def test_int8_activations_multiply_the_weights_with_x_rounded_to_int8(built, k, 
         # more than one row: the flag is for single-row decoding, the fp32 path runs
         two = op(torch.cat([x, x]), *weights, int8_x=True)
         torch.testing.assert_close(two[0], exact[0], rtol=1e-5, atol=1e-5 * float(scale))
+
+
+def x_in_int8_digits(x: torch.Tensor, split: bool) -> torch.Tensor:
+    """x as the int8 tiles see it: per 32 values d = max|x| / 127 and q = round(x / d), and with `split` a second
+    digit r = round((x - d q) * 128 / d): d (q + r / 128)."""
+    blocks = x.reshape(*x.shape[:-1], -1, GROUP).double()
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    safe = torch.where(d > 0, d, 1)
+    q = torch.where(d > 0, torch.round(blocks / safe), 0)
+    if not split:
+        return (q * d).reshape(x.shape)
+    r = torch.where(d > 0, torch.round((blocks - d * q) * 128 / safe).clamp(-127, 127), 0)
+    return (d * (q + r / 128)).reshape(x.shape)
+
+
+def tiles_reference(x: torch.Tensor, q4: tuple, split: bool) -> torch.Tensor:
+    """sum over blocks of d (q . x rounded) + m sum(x): the mins meet x's exact sums, as the kernel does."""
+    qweight, scales, mins = q4
+    codes = unpack_q4(qweight).double()  # [n, blocks, 32]
+    xr = x_in_int8_digits(x, split).reshape(x.shape[0], -1, GROUP)
+    dots = torch.einsum("rbj,nbj->rnb", xr, codes)
+    sums = x.double().reshape(x.shape[0], -1, GROUP).sum(-1)
+    return (dots * scales.double()[None]).sum(-1) + sums @ mins.double().t()
+
+
+TILE_CASES = [(1, 32, 16), (3, 96, 48), (8, 576, 960), (9, 576, 160), (17, 1536, 576), (40, 576, 3072)]
+
+
+@pytest.mark.parametrize("m,k,n", TILE_CASES)  # rows off the 8-row tiles, odd block counts, every layer shape
+def test_int8_tiles_multiply_q4_weights_with_x_in_one_or_two_int8_digits(built, m, k, n):
+    """q4_gemm_i8 is the product with x rounded to one int8 digit per 32 values, or two (split), up to summation
+    order; the two digits' error against fp32 is a small fraction of one digit's, so a kernel that dropped the
+    second digit, or the mins, or mixed up the tiles' order fails. Outlier channels set some blocks' scales,
+    as in the model's normed hidden states. On AVX2 the op refuses, naming the build it needs."""
+    generator = torch.Generator().manual_seed(m + k + n)
+    q4 = random_q4(n, k, generator)
+    x = torch.randn(m, k, generator=generator)
+    x[:, 5] *= 40
+    x[:, k // 2 + 3] *= -25
+    tiles = kernels.q4_tiles(*q4)
+    assert tiles.shape == (n // 16, k // GROUP, 384) and tiles.dtype == torch.uint8
+    if built.name == "pipeline_avx2":
+        assert not kernels.gemm_i8_available()
+        with pytest.raises(RuntimeError, match="need an AVX512 build"):
+            built.q4_gemm_i8(x, tiles, True)
+        return
+    assert kernels.gemm_i8_available()
+    w = kernels.dequantize_q4(*q4).double()
+    exact = x.double() @ w.t()
+    scale = float((x.abs().double() @ w.abs().t()).max())
+    errors = {}
+    for split in (False, True):
+        got = built.q4_gemm_i8(x, tiles, split)
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert float((got.double() - tiles_reference(x, q4, split)).abs().max()) / scale < 2e-6
+        errors[split] = float((got.double() - exact).abs().max()) / scale
+    assert errors[False] > 1e-4  # one digit's rounding shows at this tolerance
+    assert errors[True] < errors[False] / 30
+
+
+def test_int8_tiles_refuse_what_they_cannot_hold(built):
+    q4 = random_q4(40, 64, torch.Generator().manual_seed(3))
+    with pytest.raises(PipelineError, match="N a multiple of 16"):
+        kernels.q4_tiles(*q4)
+    if built.name == "pipeline_avx2":
+        return
+    tiles = kernels.q4_tiles(*random_q4(32, 64, torch.Generator().manual_seed(4)))
+    with pytest.raises(RuntimeError, match=r"q4_tiles\) for K = 96"):
+        built.q4_gemm_i8(torch.randn(2, 96), tiles, True)

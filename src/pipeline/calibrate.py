@@ -51,6 +51,8 @@ SLOWER = 1.15
 # int8, raising the single stage's KLD against fp32 from 8.5e-5 to 7.7e-4 for no speed
 INT8_GAIN = 1.15
 X8 = "x8"  # suffix of an engine format with int8 activations for one row
+# the products of many rows are also timed at 128 rows (a prefill), where int8 tiles and GEMM may change places
+TILE_ROWS = (4, 8, 32, 128)
 
 
 @dataclass
@@ -111,7 +113,9 @@ class Calibration:
             one = self.time(f"engine:{f}", 1)
             if int8_activations:
                 one = min(one, self.time(f"engine:{f}{X8}", 1) * INT8_GAIN)
-            many = self.time(f"engine:{f}", 32) if f == "fp32" else min(self.time(f"engine:{f}", 32), self.gemm_ms(32))
+            many = self.time(f"engine:{f}", 32)
+            if f != "fp32":
+                many = min(many, self.many_ms(32, f))
             return MIX[1] * one + MIX[32] * many
 
         return min(formats, key=lambda f: (cost(f), f != "fp32"))
@@ -120,16 +124,35 @@ class Calibration:
         """A step of `rows` rows with every product in GEMM, in the GEMM dtype `gemm_dtype` picks."""
         return self.time("engine:gemm_bf16" if self.gemm_dtype() == "bf16" else "engine:gemm", rows)
 
+    def many_ms(self, rows: int, fmt: str) -> float:
+        """A step of `rows` rows with every product past our kernel: GEMM, or for q4 the int8 tiles where faster."""
+        tiles = self.time("engine:tiles", rows) if fmt == "q4" and rows <= self.tile_rows(fmt) else math.inf
+        return min(self.gemm_ms(rows), tiles)
+
+    def tile_rows(self, fmt: str) -> int:
+        """The most rows up to which the int8 tiles (q4 only, activations in two int8 digits: 15 bits, closer to
+        fp32 than bf16's 8) measured no slower than GEMM at every row count timed; 0 where not measured."""
+        if fmt != "q4" or "engine:tiles" not in self.step_ms:
+            return 0
+        rows = 0
+        for r in TILE_ROWS:
+            if self.time("engine:tiles", r) > self.gemm_ms(r):
+                break
+            rows = r
+        return rows
+
     def gemm_dtype(self) -> str:
         """bf16 where its GEMM measured at least GEMM_GAIN faster for a 32-row step (native bf16 only), else fp32."""
         bf16, fp32 = self.time("engine:gemm_bf16", 32), self.time("engine:gemm", 32)
         return "bf16" if bf16 * GEMM_GAIN < fp32 else "fp32"
 
-    def kernel_rows(self, fmt: str) -> int:
-        """The most rows for which the format's kernel is no slower than GEMM (then GEMM takes over)."""
+    def kernel_rows(self, fmt: str, tiles: bool = True) -> int:
+        """The most rows for which the format's kernel is no slower than what takes more rows: GEMM, or where
+        `tiles` the int8 tiles up to their limit (q4)."""
         if "engine:gemm" not in self.step_ms:  # an older calibration of bare linear layers: against fp32
             return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.time("engine:fp32", r)), default=0)
-        return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.gemm_ms(r)), default=0)
+        past = self.many_ms if tiles else (lambda r, f: self.gemm_ms(r))
+        return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= past(r, fmt)), default=0)
 
     def head_rows(self, fmt: str, gemm: str = "fp32") -> int:
         """The most rows for which the lm_head runs our kernel: 32 where its q8 product of 32 rows measured no
@@ -143,8 +166,10 @@ class Calibration:
         return self.kernel_rows(fmt)
 
     def jump_forward_pays(self, fmt: str) -> bool:
-        """Whether one step of 8 rows measured cheaper than 8 one-row steps (then a forced run goes in at once)."""
-        return self.time(f"engine:{fmt}", 8) < 8 * self.time(f"engine:{fmt}", 1)
+        """Whether one step of 8 rows (our kernel, or past it, the faster) measured cheaper than 8 one-row steps (then
+        a forced run goes in at once)."""
+        eight = min(self.time(f"engine:{fmt}", 8), self.many_ms(8, fmt))
+        return eight < 8 * self.time(f"engine:{fmt}", 1)
 
     def int8_activations(self, fmt: str) -> bool:
         """Whether int8 activations measured faster than fp32 ones for a decode step in `fmt` (by INT8_GAIN)."""
@@ -156,7 +181,14 @@ class Calibration:
         formats = sorted(c.split(":", 1)[1] for c in self.step_ms if _is_format(c))
         gemm = self.gemm_dtype() if "engine:gemm" in self.step_ms else "fp32"
         per_format = [
-            (f, self.kernel_rows(f), self.head_rows(f, gemm), self.int8_activations(f), self.jump_forward_pays(f))
+            (
+                f,
+                self.kernel_rows(f),
+                self.tile_rows(f),
+                self.head_rows(f, gemm),
+                self.int8_activations(f),
+                self.jump_forward_pays(f),
+            )
             for f in formats
         ]
         engine = (self.engine_format(True), self.engine_format(False), gemm) if formats else ()
@@ -185,7 +217,7 @@ class Calibration:
 
 def _is_format(candidate: str) -> bool:
     name = candidate.split(":", 1)
-    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith(("gemm", "head"))
+    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith(("gemm", "head", "tiles"))
 
 
 def _interleaved(tasks: list[tuple[str, int, object]], reps: int, reverse: bool = False) -> tuple[dict, dict]:
@@ -266,11 +298,19 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
     tasks: list[tuple[str, int, object]] = []
     position = 256  # a step over a prompt of the default's length (its shared prefix is 242 tokens)
 
-    def step(engine: Engine, rows: int, int8_x: bool, kernel_rows: int):
+    def step(engine: Engine, rows: int, int8_x: bool, kernel_rows: int, tile_rows: int = 0):
         tokens, positions = torch.arange(rows) + 100, torch.full((rows,), position)
+        # more rows than the 32 slots: a prefill of rows - 32 ... in each slot, its layers only (a prefill's head
+        # scores one row)
+        slots, chunk = torch.arange(rows) % 32, position + torch.arange(rows) // 32
 
         def run():
             engine.set_kernel_rows(kernel_rows)
+            if tile_rows:
+                engine.set_tile_rows(tile_rows)
+            if rows > 32:
+                engine._fused_layers(tokens, slots, chunk)
+                return
             engine.lm_head.max_kernel_rows = 64  # the head on our kernel throughout: its choice is timed apart
             engine.lm_head(engine._decode_hidden(tokens, positions), int8_x)
 
@@ -317,9 +357,13 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
             tasks.append((f"engine:{fmt}{X8}", 1, step(engine, 1, True, 64)))
     if kernels.available():
         gemms = [("gemm", torch.float32)] + ([("gemm_bf16", torch.bfloat16)] if cpu.current().fast_bf16 else [])
+        if kernels.gemm_i8_available():  # every product of more than one row in int8 tiles, two digits
+            engine = ready(Engine(config=config, state=states["q4"], fmt="q4", tiles=True))
+            for rows in TILE_ROWS:
+                tasks.append(("engine:tiles", rows, step(engine, rows, False, 0, max(TILE_ROWS))))
         for name, dtype in gemms:
             engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))
-            for rows in ROWS[1:]:  # one row is our kernel's, always
+            for rows in TILE_ROWS:  # one row is our kernel's, always
                 tasks.append((f"engine:{name}", rows, step(engine, rows, False, 0)))
             # the lm_head of a full batched step of free rows: its q8 weights in our kernel, or in this GEMM
             if dtype == torch.float32:
@@ -393,6 +437,8 @@ def candidates(backend: str | None = None) -> list[str]:
     ]
     if kernels.available() and cpu.current().fast_bf16:
         engine += ["gemm_bf16", "head_bf16"]
+    if kernels.available() and kernels.gemm_i8_available():
+        engine += ["tiles"]
     names = {
         "engine": [f"engine:{f}" for f in engine],
         "transformers": [f"transformers:{f}" for f in ("fp32", "bf16", "int8")],

@@ -29,7 +29,7 @@ def default_cache_dir() -> Path:
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 ACTIVATIONS = ("auto", "fp32", "int8")
-GEMM_DTYPES = ("auto", "fp32", "bf16")
+GEMM_DTYPES = ("auto", "fp32", "bf16", "int8x2", "int8")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 BACKENDS = ("auto", "engine", "transformers", "llamacpp", "openvino", "ctranslate2")
@@ -87,11 +87,14 @@ class PrecisionConfig:
     # backend=engine with q4/int8 weights: the activations one decoding row multiplies them with. fp32
     # (exact: the same numbers as fp32 transformers up to summation order), int8 (quantized per 32 values
     # at each matrix, as llama.cpp does: faster single-stream decoding, not bit-exact), or auto: int8
-    # where the calibration measured it at least 5% faster on this machine
+    # where the calibration measured it at least 15% faster on this machine
     activations: str = "auto"
-    # backend=engine: the dtype of products over more rows than our kernel's limit (prefills, batched steps).
-    # fp32 (exact), bf16 (native on AVX512-BF16/AMX CPUs: faster, rounds to bf16), or auto: bf16 where the
-    # calibration measured it at least 10% faster, said in a warning, its cost in the run's KLD
+    # backend=engine: the products over more rows than our kernel's limit (prefills, batched steps). fp32
+    # (exact), bf16 (native on AVX512-BF16/AMX CPUs: faster, rounds activations and weights to bf16), int8x2
+    # (q4 weights on AVX512 CPUs: the weights as stored, activations in two int8 digits per 32 values, 15 bits:
+    # closer to fp32 than bf16), int8 (one digit, 8 bits, as llama.cpp: fastest, lossy), or auto: int8x2 up to
+    # the most rows where the calibration measured it no slower than GEMM, and above that bf16 where measured
+    # at least 10% faster than fp32; the cost of each is in the run's KLD
     gemm: str = "auto"
 
     def __post_init__(self) -> None:

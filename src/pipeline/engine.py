@@ -74,6 +74,7 @@ class Linear:
         fmt: str,
         max_kernel_rows: int,
         gemm_dtype: torch.dtype = torch.float32,
+        tiles: bool = False,
     ):
         self.in_features, self.out_features = weight_t.shape
         self.fmt, self.max_kernel_rows = fmt, max_kernel_rows
@@ -82,6 +83,25 @@ class Linear:
         # what the GEMM of many rows multiplies: the fp32 weights, or a bf16 copy where bf16 GEMM is native and
         # measured faster (precision.gemm); bf16 rounds them, and the run's fidelity says what that costs
         self.gemm_t = weight_t if gemm_dtype == torch.float32 else bf16_gemm_weight(weight_t)
+        # q4 only: the weights as 16-row tiles for int8 products (kernels.q4_gemm_i8), which take the rows above
+        # the kernel's limit up to `tile_rows` (set_tile_rows), activations in two int8 digits (`tile_split`,
+        # 15 bits) or one (8 bits: lossy); empty where unused
+        self.tiles = torch.empty(0, dtype=torch.uint8)
+        self.tile_rows, self.tile_split = 0, True
+        if tiles:
+            from pipeline import kernels
+
+            if fmt != "q4" or not self.packed or self.out_features % kernels.TILE_OUTPUTS:
+                raise PipelineError(
+                    f"int8 products of many rows multiply q4 weights in {kernels.TILE_OUTPUTS}-row tiles ({fmt} "
+                    f"weights of {self.out_features} outputs here); choose precision.gemm=bf16 or fp32"
+                )
+            if not kernels.gemm_i8_available():
+                raise PipelineError(
+                    f"int8 products of many rows need an AVX512 build of our kernel ({kernels.describe()} runs "
+                    "here); choose precision.gemm=bf16 or fp32"
+                )
+            self.tiles = kernels.q4_tiles(*self.packed)
 
     def __call__(self, x: torch.Tensor, int8_x: bool = False) -> torch.Tensor:
         if self.packed and x.shape[0] <= self.max_kernel_rows:
@@ -90,6 +110,10 @@ class Linear:
             if self.fmt == "q4":
                 return kernels.q4_linear(x, *self.packed, int8_x=int8_x)
             return kernels.q8_linear(x, *self.packed, int8_x=int8_x)
+        if self.tiles.numel() and x.shape[0] <= self.tile_rows:
+            from pipeline import kernels
+
+            return kernels.q4_gemm_i8(x, self.tiles, self.tile_split)
         if self.gemm_t is not self.weight_t and x.shape[0] > 1:
             if self.gemm_t.is_mkldnn:
                 return torch.ops.mkldnn._linear_pointwise(
@@ -190,21 +214,29 @@ def state_from_model(model, fmt: str) -> dict[str, torch.Tensor]:
 
 class Layer:
     def __init__(
-        self, state: dict[str, torch.Tensor], index: int, fmt: str, max_kernel_rows: int, gemm_dtype: torch.dtype
+        self,
+        state: dict[str, torch.Tensor],
+        index: int,
+        fmt: str,
+        max_kernel_rows: int,
+        gemm_dtype: torch.dtype,
+        tiles: bool = False,
     ):
         prefix = f"layers.{index}."
 
         def linear(name: str) -> Linear:
             packed = tuple(state[f"{prefix}{name}.{key}"] for key in PACKED[fmt])
-            return Linear(state[f"{prefix}{name}.t"], packed, fmt, max_kernel_rows, gemm_dtype)
+            return Linear(state[f"{prefix}{name}.t"], packed, fmt, max_kernel_rows, gemm_dtype, tiles)
 
         self.qkv, self.o, self.gate_up, self.down = (linear(name) for name in MATRICES)
         self.attn_norm = state[f"{prefix}attn_norm"]
         self.mlp_norm = state[f"{prefix}mlp_norm"]
         self.intermediate = self.gate_up.out_features // 2
-        # what the fused layer kernel reads, in its order: each matrix packed, then in fp32 (empty in fp32)
+        # what the fused layer kernel reads, in its order: each matrix packed, its GEMM weight and for q4 its tiles
+        # (empty in fp32)
         matrices = (self.qkv, self.o, self.gate_up, self.down)
-        self.packed = [t for m in matrices for t in (*m.packed, m.gemm_t)] if fmt != "fp32" else []
+        own = (lambda m: (m.tiles,)) if fmt == "q4" else (lambda m: ())
+        self.packed = [t for m in matrices for t in (*m.packed, m.gemm_t, *own(m))] if fmt != "fp32" else []
 
 
 def _fused_kernel_available() -> bool:
@@ -259,9 +291,13 @@ class Engine:
         config=None,
         state: dict[str, torch.Tensor] | None = None,
         gemm_dtype: torch.dtype = torch.float32,
+        tiles: bool = False,
     ):
         """From a transformers Llama `model` (its weights packed now), or from a `config` and the `state` that
-        `state_from_model` (or a GGUF file's blocks, pipeline.engine_weights) made in `fmt`."""
+        `state_from_model` (or a GGUF file's blocks, pipeline.engine_weights) made in `fmt`.
+
+        `gemm_dtype` is the GEMM's of more rows than the kernel's limit (fp32 or bf16); with `tiles` (q4 only) the
+        layers also hold their weights as int8 tiles, which take rows up to `set_tile_rows`' limit."""
         if fmt not in FORMATS:
             raise PipelineError(f"engine weight format {fmt!r} is not one of {', '.join(FORMATS)}")
         config = model.config if model is not None else config
@@ -281,7 +317,10 @@ class Engine:
             state = state_from_model(model, fmt)
         self.embedding = state["embedding"]
         self.gemm_dtype = gemm_dtype
-        self.layers = [Layer(state, i, fmt, max_kernel_rows, gemm_dtype) for i in range(config.num_hidden_layers)]
+        self.layers = [
+            Layer(state, i, fmt, max_kernel_rows, gemm_dtype, tiles) for i in range(config.num_hidden_layers)
+        ]
+        self.tile_rows, self.tile_split = 0, True
         self.norm = state["norm"]
         head_packed = tuple(state[f"lm_head.{key}"] for key in PACKED[head_format(fmt)])
         # the head's GEMM (a batched step's rows above its kernel limit) in the layers' GEMM dtype
@@ -321,6 +360,15 @@ class Engine:
         for linear in [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
             linear.max_kernel_rows = rows
         self.lm_head.max_kernel_rows = rows if head_rows is None else head_rows
+
+    def set_tile_rows(self, rows: int, split: bool = True) -> None:
+        """The int8 tiles (an engine made with `tiles`) take the rows above the kernel's limit up to `rows`, with
+        activations in two int8 digits (`split`: 15 bits) or one (lossy); GEMM above."""
+        if rows and not self.layers[0].qkv.tiles.numel():
+            raise PipelineError("set_tile_rows: this engine holds no int8 tiles (make it with tiles=True, q4 weights)")
+        self.tile_rows, self.tile_split = rows, split
+        for linear in [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]:
+            linear.tile_rows, linear.tile_split = rows, split
 
     # ------------------------------------------------------------------ memory
 
@@ -554,7 +602,7 @@ class Engine:
                 h, slot_ids, positions, k_cache, v_cache, self.rotations_real,
                 layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
                 self.max_kernel_rows, self.prefix_kt[i] if width else None, self.prefix_v[i] if width else None,
-                shared,
+                shared, self.tile_rows, self.tile_split,
             )  # fmt: skip
         return h
 

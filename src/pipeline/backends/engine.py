@@ -18,6 +18,10 @@ from pipeline.results import Generation
 __all__ = ["EngineBackend", "EngineUnsupported", "weight_format_for"]
 
 
+# precision.gemm's int8 products, on q4 weights in tiles: activations in two int8 digits (15 bits) or one (8)
+TILE_KINDS = ("int8x2", "int8")
+ALL_ROWS = 1 << 62  # the tiles' limit when asked for explicitly: every row past the kernel's
+
 IGNORED = [
     ("attention.implementation", "sdpa", "the engine calls scaled_dot_product_attention itself"),
     ("generation.cache_implementation", "dynamic", "the engine's KV cache is always preallocated"),
@@ -79,15 +83,26 @@ class EngineBackend:
             slower = calibration.slower_than_fp32(f"engine:{fmt}")
             if slower:
                 self.warnings.append(f"precision={cfg.precision.name}: {slower}; precision=auto picks the faster")
+        # the products past our kernel's row limit: int8 tiles (q4 on AVX512 builds) up to tile_rows, GEMM above
+        choice = cfg.precision.gemm
+        can_tile = fmt == "q4" and has_kernel and kernels.gemm_i8_available()
+        tiles, tile_rows = "", 0
+        if choice in TILE_KINDS and can_tile:
+            tiles, tile_rows = choice, ALL_ROWS  # asked for: every product past the kernel
+        elif choice in TILE_KINDS:
+            why = "q4 weights" if fmt != "q4" else "an AVX512 build of our kernel"
+            self.warnings.append(f"precision.gemm={choice} needs {why}; the calibrated GEMM runs instead")
+        elif choice == "auto" and can_tile and calibration.tile_rows(fmt):
+            tiles, tile_rows = "int8x2", calibration.tile_rows(fmt)
         # an explicit format runs its kernel even where fp32 GEMM measured faster for one row
-        rows = max(1, calibration.kernel_rows(fmt)) if fmt != "fp32" and has_kernel else 0
+        rows = max(1, calibration.kernel_rows(fmt, tiles=bool(tiles))) if fmt != "fp32" and has_kernel else 0
         activations = cfg.precision.activations
         int8_x = rows > 0 and (activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt)))
         if activations == "int8" and fmt == "fp32":
             self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
         elif activations == "int8" and not int8_x:
             self.warnings.append("precision.activations=int8 needs a kernel of ours; it is not applied here")
-        gemm = cfg.precision.gemm if cfg.precision.gemm != "auto" else calibration.gemm_dtype()
+        gemm = choice if choice in ("fp32", "bf16") else calibration.gemm_dtype()
         if gemm == "bf16" and (rows == 0 or fmt == "fp32"):
             gemm = "fp32"  # fp32 weights stay exact, and without a kernel the eager path keeps fp32
         head_rows = max(rows, calibration.head_rows(fmt, gemm)) if rows else 0  # the lm_head's q8 on our kernel
@@ -95,27 +110,37 @@ class EngineBackend:
             self.warnings.append(
                 f"precision.gemm=bf16 on CPU kind {cpu.current().kind}: bf16 GEMM is emulated here and slow"
             )
-        if gemm == "bf16":
+        if tiles == "int8":
+            self.warnings.append(
+                "precision.gemm=int8: products of more rows than our kernel's limit (prefills, batched steps) round "
+                "activations to one int8 per value (8 bits a block of 32; lossy): see this run's KLD against fp32"
+            )
+        if gemm == "bf16" and tile_rows < ALL_ROWS:
             self.warnings.append(
                 "precision.gemm=bf16: products of more rows than our kernel's limit (prefills, batched steps) round "
                 "activations and weights to bf16 (measured faster here; lossy): see this run's KLD against fp32"
             )
         described = "int8 activations for one row" if int8_x else "fp32 activations"
+        past = f"{gemm} GEMM above"
+        if tiles:
+            past = f"{tiles} tiles above" if tile_rows == ALL_ROWS else f"{tiles} tiles to {tile_rows} rows, {past}"
         products = (
-            f"our kernel ({kernel}) up to {rows} rows (the lm_head {head_rows}), {gemm} GEMM above"
+            f"our kernel ({kernel}) up to {rows} rows (the lm_head {head_rows}), {past}"
             if rows
-            else f"fp32 GEMM ({kernel})"
+            else (f"fp32 GEMM ({kernel})")
         )
         log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
             state, packed_how = self.source.state(fmt, log)
             self.engine = Engine(
                 config=config, state=state, fmt=fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x,
-                gemm_dtype=torch.bfloat16 if gemm == "bf16" else torch.float32,
+                gemm_dtype=torch.bfloat16 if gemm == "bf16" else torch.float32, tiles=bool(tiles),
             )  # fmt: skip
         self.engine.set_kernel_rows(rows, head_rows)
+        if tiles:
+            self.engine.set_tile_rows(tile_rows, split=tiles == "int8x2")
         # what the prefix's cached keys and values depend on besides the weights
-        self._numerics = f"{fmt}-{gemm}-{rows}-{kernels.isa()}"
+        self._numerics = f"{fmt}-{gemm}-{rows}-{tiles}{tile_rows}-{kernels.isa()}"
         jump = gen.jump_forward if gen.jump_forward is not None else calibration.jump_forward_pays(fmt)
         self.engine.jump_forward = bool(jump)
         self.slots = cfg.stages.micro_batch_size
@@ -142,6 +167,8 @@ class EngineBackend:
                 "engine_weights": packed_how,
                 "activations": "int8" if int8_x else "fp32",
                 "gemm": gemm,
+                "tiles": tiles or "none",
+                "tile_rows": str(tile_rows),
                 "jump_forward": str(bool(jump)).lower(),
                 "calibration": ", ".join(
                     f"{name} {times.get('1', float('nan')):.1f}/{times.get('32', float('nan')):.0f} ms"

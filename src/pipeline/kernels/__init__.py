@@ -156,6 +156,10 @@ def _register_fakes(isa: str) -> None:
     def _(qweight, scales):
         return scales.new_empty(qweight.shape)
 
+    @torch.library.register_fake(f"{ns}::q4_gemm_i8")
+    def _(x, tiles, split=False):
+        return x.new_empty((*x.shape[:-1], tiles.shape[0] * TILE_OUTPUTS))
+
     @torch.library.register_fake(f"{ns}::decoder_layer")
     def _(*args, **kwargs):  # updates h and the caches in place, returns nothing
         return None
@@ -293,6 +297,42 @@ def q8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, int8
     if namespace is not None:
         return namespace.q8_linear(x, qweight, scales, int8_x)
     return x @ dequantize_q8(qweight, scales).t()
+
+
+TILE_OUTPUTS = 16  # outputs side by side in the int8 products' tiles
+
+
+def q4_tiles(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """q4 weights re-laid for the int8 products of many rows (`q4_gemm_i8`): uint8 [N/16, K/32, 384], per tile of
+    16 outputs and block its nibbles (byte 4n + i of chunk j = byte 4j + i of output n's block), then the 16
+    scales and the 16 mins in fp32. The same bits as stored: only their order changes."""
+    n, half = qweight.shape
+    blocks = half // (GROUP_SIZE // 2)
+    if n % TILE_OUTPUTS or scales.shape != (n, blocks) or mins.shape != scales.shape:
+        raise PipelineError(
+            f"q4 tiles need [N, K/2] weights with N a multiple of {TILE_OUTPUTS} and scales, mins [N, K/32]; got "
+            f"{list(qweight.shape)}, {list(scales.shape)}, {list(mins.shape)}"
+        )
+    tiles = n // TILE_OUTPUTS
+    nibbles = qweight.reshape(tiles, TILE_OUTPUTS, blocks, 4, 4).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 256)
+
+    def per_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.float().reshape(tiles, TILE_OUTPUTS, blocks).transpose(1, 2).contiguous().view(torch.uint8)
+
+    return torch.cat([nibbles, per_tile(scales), per_tile(mins)], dim=-1).contiguous()
+
+
+def gemm_i8_available() -> bool:
+    """Whether the kernel in use has the int8 products of many rows (its AVX512 builds)."""
+    return isa() in ("avx512", "avx512vnni")
+
+
+def q4_gemm_i8(x: torch.Tensor, tiles: torch.Tensor, split: bool = True) -> torch.Tensor:
+    """x [..., K] fp32 @ W.T for q4 weights as `q4_tiles`, x quantized to int8 per 32 values (AVX512 builds)."""
+    namespace = _ops_for_call()
+    if namespace is None:
+        raise PipelineError(f"the int8 products of many rows need our kernel, and none runs: {unavailable_reason()}")
+    return namespace.q4_gemm_i8(x, tiles, split)
 
 
 def main() -> None:
