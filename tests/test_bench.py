@@ -72,6 +72,15 @@ def test_the_roofline_is_the_longer_of_reading_weights_and_doing_flops():
     sample = _sample(1.0, 0.5, steps={"1": 100})  # 100 steps of 4 ms in a 1 s stage: 40% of the limit
     assert roofline_shares(sample, MACHINE, "single") == pytest.approx(0.4)
     assert math.isnan(roofline_shares(_sample(1.0, 0.5), MACHINE, "single"))  # no step counts: not judged
+    # passes through the int8 tiles count at the int8 product's rate, halved for two digits; GEMM above their limit
+    # (32 rows: 6.4 GFLOP at 400 GOP/s = 16 ms; 64 rows past the limit at fp32's 100 GFLOP/s = 128 ms)
+    assert roofline_s({"32": 1, "64": 1}, 80e6, 30e6, 1e8, 2.8e7, 20.0, 100.0, 32, 400.0) == pytest.approx(0.144)
+    tiled = _sample(1.0, 0.5, steps={"32": 10})
+    tiled.results["tags"] = {**WORK, "tiles": "int8x2", "tile_rows": "32"}
+    machine = {**MACHINE, "int8_gop_s": 800.0}
+    assert roofline_shares(tiled, machine, "single") == pytest.approx(0.16)  # 10 x 16 ms in 1 s
+    tiled.results["tags"]["tiles"] = "int8"  # one digit: the full int8 rate, 8 ms a pass
+    assert roofline_shares(tiled, machine, "single") == pytest.approx(0.08)
 
 
 def test_all_targets_judge_accuracy_ready_times_and_the_best_free_peer():

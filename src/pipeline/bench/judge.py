@@ -104,9 +104,12 @@ def roofline_shares(sample: Sample, machine: dict, stage: str) -> float:
     if not steps or "layer_bytes" not in tags:
         return math.nan
     gemm = machine["gemm_bf16_gflop_s"] if tags.get("gemm") == "bf16" else machine["gemm_fp32_gflop_s"]
+    tiles = tags.get("tiles", "none")
+    tile_rows = int(tags.get("tile_rows", 0)) if tiles != "none" else 0
+    tile_rate = machine.get("int8_gop_s", math.nan) / (2 if tiles == "int8x2" else 1)
     roof = roofline_s(
         steps, float(tags["layer_bytes"]), float(tags["head_bytes"]), float(tags["layer_params"]),
-        float(tags["head_params"]), machine["bandwidth_gb_s"], gemm,
+        float(tags["head_params"]), machine["bandwidth_gb_s"], gemm, tile_rows, tile_rate,
     )  # fmt: skip
     return roof / sample.stage(stage, "wall_time_s")
 

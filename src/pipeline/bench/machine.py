@@ -60,10 +60,31 @@ def gemm_gflop_s(dtype: torch.dtype, rows: int = 256, k: int = 576, n: int = 153
     return 2 * rows * k * n / best / 1e9
 
 
+def int8_gop_s(rows: int = 256, k: int = 576, n: int = 1536, repeats: int = 7) -> float:
+    """The int8 matrix product's rate (torch._int_mm, oneDNN's VNNI GEMM where the CPU has it: int32 sums of int8
+    products) at a prefill's shape, best of `repeats`; NaN where this torch has none for the CPU."""
+    x = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+    try:
+        torch._int_mm(x, w)
+    except (RuntimeError, AttributeError):
+        return math.nan
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            torch._int_mm(x, w)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * rows * k * n / best / 1e9
+
+
 def roofline_s(steps: dict[str, int], layer_bytes: float, head_bytes: float, layer_params: float,
-               head_params: float, bandwidth_gb_s: float, gemm_gflop_s: float) -> float:  # fmt: skip
+               head_params: float, bandwidth_gb_s: float, gemm_gflop_s: float, tile_rows: int = 0,
+               tile_gflop_s: float = math.nan) -> float:  # fmt: skip
     """The least time a stage's work can take here: each layer pass of r rows reads the layers' weights once or
     does 2 r * params FLOPs at the GEMM rate, whichever takes longer, and the same for each full lm_head product.
+    Layer passes of up to `tile_rows` rows run the int8 tiles: their FLOPs at `tile_gflop_s` (the int8 product's
+    rate, halved for two digits: two products per multiply-add).
 
     `steps` is the engine's count of passes by rows ("32": 32 rows through every layer; "head:5": 5 rows through
     the lm_head). Attention, norms and the KV cache are left out: the weights dominate this model's steps.
@@ -73,5 +94,6 @@ def roofline_s(steps: dict[str, int], layer_bytes: float, head_bytes: float, lay
         head = key.startswith("head:")
         rows = int(key.removeprefix("head:"))
         weights, params = (head_bytes, head_params) if head else (layer_bytes, layer_params)
-        total += count * max(weights / (bandwidth_gb_s * 1e9), 2 * rows * params / (gemm_gflop_s * 1e9))
+        rate = tile_gflop_s if not head and rows <= tile_rows else gemm_gflop_s
+        total += count * max(weights / (bandwidth_gb_s * 1e9), 2 * rows * params / (rate * 1e9))
     return total

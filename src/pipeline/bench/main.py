@@ -41,7 +41,8 @@ def plan(only: list[str] | None) -> list[str]:
 
 def _choices(sample: Sample) -> str:
     tags = sample.results.get("tags", {})
-    keys = ("backend", "weight_format", "activations", "engine_kernel_rows", "gemm", "jump_forward", "kernel")
+    keys = ("backend", "weight_format", "activations", "engine_kernel_rows", "tiles", "tile_rows", "gemm",
+            "jump_forward", "kernel")  # fmt: skip
     return ", ".join(f"{key} {tags[key]}" for key in keys if key in tags)
 
 
@@ -84,9 +85,11 @@ def main(argv: list[str] | None = None) -> None:
         "bandwidth_gb_s": measure.read_bandwidth_gb_s(),
         "gemm_fp32_gflop_s": measure.gemm_gflop_s(torch.float32),
         "gemm_bf16_gflop_s": measure.gemm_gflop_s(torch.bfloat16),
+        "int8_gop_s": measure.int8_gop_s(),
     }  # fmt: skip
     say(f"CPU kind {facts['kind']}; read {facts['bandwidth_gb_s']:.1f} GB/s; GEMM fp32 "
-        f"{facts['gemm_fp32_gflop_s']:.0f}, bf16 {facts['gemm_bf16_gflop_s']:.0f} GFLOP/s; "
+        f"{facts['gemm_fp32_gflop_s']:.0f}, bf16 {facts['gemm_bf16_gflop_s']:.0f} GFLOP/s, int8 "
+        f"{facts['int8_gop_s']:.0f} GOP/s; "
         f"cores busy {facts['busy_before']:.0%}")  # fmt: skip
 
     missing: dict[str, str] = {}

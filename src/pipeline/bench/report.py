@@ -28,6 +28,18 @@ class Report:
     reps: int = 3
 
 
+def tiles_clause(tags: dict, machine: dict) -> str:
+    """How passes through the int8 tiles count in the roofline, '' where the default has none."""
+    tiles = tags.get("tiles", "none")
+    if tiles == "none":
+        return ""
+    rate = machine.get("int8_gop_s", float("nan"))
+    halved = ", halved for two digits" if tiles == "int8x2" else ""
+    upto = tags.get("tile_rows", "?")
+    upto = "every pass past the kernel" if str(upto) == str(1 << 62) else f"passes of up to {upto} rows"
+    return f"; {upto} ran the {tiles} tiles: the int8 product's rate (torch._int_mm, {rate:.0f} GOP/s{halved})"
+
+
 def _median(values: list[float]) -> float:
     clean = [v for v in values if not math.isnan(v)]
     return statistics.median(clean) if clean else math.nan
@@ -128,8 +140,8 @@ def roofline_section(report: Report) -> list[str]:
         f"({m['bandwidth_gb_s']:.1f} GB/s) and doing 2 r x {float(tags.get('layer_params', 'nan')) / 1e6:.0f}M FLOPs "
         "at "
         f"the measured GEMM rate of the chosen dtype ({tags.get('gemm', 'fp32')}: fp32 {m['gemm_fp32_gflop_s']:.0f}, "
-        f"bf16 {m['gemm_bf16_gflop_s']:.0f} GFLOP/s), plus the same for each full lm_head product "
-        f"({float(tags.get('head_bytes', 'nan')) / 1e6:.0f} MB). Attention and norms are left out.",
+        f"bf16 {m['gemm_bf16_gflop_s']:.0f} GFLOP/s){tiles_clause(tags, m)}, plus the same for each full lm_head "
+        f"product ({float(tags.get('head_bytes', 'nan')) / 1e6:.0f} MB). Attention and norms are left out.",
         "",
     ]
     for stage in STAGES:
