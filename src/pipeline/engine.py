@@ -137,7 +137,8 @@ def bf16_gemm_weight(weight_t: torch.Tensor) -> torch.Tensor:
     doubled the product's time (30 layers at 32 rows, 21 ms plain vs 13 ms packed, AVX512-BF16 EPYC).
     """
     if onednn_bf16():
-        return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous().to(torch.bfloat16), 32)
+        # rounded before the transpose: half the bytes moved (0.29 -> 0.17 s at load for SmolLM2), the same bits
+        return torch.ops.mkldnn._reorder_linear_weight(weight_t.to(torch.bfloat16).t().contiguous(), 32)
     return weight_t.to(torch.bfloat16)
 
 
