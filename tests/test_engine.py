@@ -326,6 +326,13 @@ def test_fused_layer_with_int8_tiles_equals_the_eager_layers(tiny, built, split)
     error = float((results[True][1] - reference).abs().max() / reference.abs().max())
     assert error < (2e-3 if split else 5e-2)
     assert error > 0 or not split  # the tiles ran: their rounding of x is visible
+    q8 = Engine(tiny.model, "q8", max_kernel_rows=1)
+    with pytest.raises(PipelineError, match="holds no int8 tiles"):
+        q8.set_tile_rows(64)
+    q8.tile_rows = 64  # past the check: q8 matrices have no tiles, and the kernel takes their GEMM instead
+    with torch.inference_mode():
+        q8.set_prefix(prompts[0][:20])
+        assert len(q8.generate(prompts[:2], 3, stopper, slots=2)) == 2
 
 
 @pytest.fixture(scope="module")

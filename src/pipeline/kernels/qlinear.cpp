@@ -745,7 +745,7 @@ struct Packed {
   bool split = true;
 
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
-    if (M > gemm_above && M <= tile_rows && tiles.numel()) {
+    if (M > gemm_above && M <= tile_rows && tiles.defined() && tiles.numel()) {  // q8 matrices have no tiles
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       gemm_i8(tiles.data_ptr<uint8_t>(), x, M, N, K, y, split);  // q4 tiles, int8 activations (calibrated)
 #endif
