@@ -8,8 +8,9 @@ on values):
 - the engine's real step: one decode step through every layer (the fused layer call of our kernels, or the
   eager path in fp32) plus the lm_head, at 1, 8 and 32 rows, in each decode format (fp32, q8, q4), with int8
   activations for one row (`q8x8`, `q4x8`: x quantized per 32 values, llama.cpp's scheme), and the same step
-  with every product in GEMM (`engine:gemm`, and `engine:gemm_bf16` where bf16 is native) to find where our
-  kernel stops paying;
+  with every product in GEMM (`engine:gemm`, and `engine:gemm_bf16` where bf16 is native) or in the int8 tiles
+  (`engine:tiles`, AVX512 builds), also at 128 rows, to find where our kernel stops paying and where the tiles
+  do;
 - the transformers backend's linear layers: fp32 and bf16 (F.linear) and int8 (torch's `_weight_int8pack_mm`).
 
 Repetitions are interleaved (each round times every candidate once, so a busy moment hits all of them), the
