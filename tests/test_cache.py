@@ -1,0 +1,143 @@
+"""The caches stay bounded and a full disk costs only the cache.
+
+A cache that kept every packed state (0.7 GB each, one per change to the engine's code) and every deleted
+clone's model folder (1-2 GB each) grew to 23 GB on one machine, and CI there failed with a full disk: these
+tests pin the pruning and the full-disk path that mend it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import engine_weights
+from pipeline.engine_weights import load_tensors, prune_engine_folder, save_tensors
+from pipeline.models import SOURCE_RECORD, _cache_folder, prune_orphans
+
+
+def _file(folder: Path, name: str, age_s: float) -> Path:
+    from safetensors.torch import save_file  # not save_tensors: that prunes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    save_file({"x": torch.arange(4.0)}, str(path))
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_a_full_disk_leaves_no_partial_file_and_one_warning_naming_the_fix(tmp_path, monkeypatch, capsys):
+    """The error class and message safetensors raised for ENOSPC on that CI machine, after a partial write."""
+    import safetensors
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # what a disk takes before it is full
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    folder = tmp_path / "engine"
+    file = folder / "q4-0123.safetensors"
+    assert save_tensors(file, {"x": torch.ones(3)}) is False
+    assert not file.exists()
+    assert list(folder.iterdir()) == []  # the temporary file is gone too
+    err = capsys.readouterr().err
+    assert "could not cache q4-0123.safetensors" in err and "No space left on device" in err
+    assert "PIPELINE_CACHE_DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cache_that_cannot_be_created_costs_only_the_cache(tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    assert engine_weights.save_state(blocker / "q4-1.safetensors", {"x": torch.ones(2)}, _Config()) is False
+    assert "could not cache" in capsys.readouterr().err
+
+
+class _Config:
+    def to_json_string(self) -> str:
+        return "{}"
+
+
+SHAPE = engine_weights.LlamaShape(
+    vocab_size=8,
+    hidden_size=4,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=4,
+    max_position_embeddings=16,
+    rms_norm_eps=1e-5,
+    rope_parameters={},
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    tie_word_embeddings=True,
+)
+
+
+def test_pruning_keeps_the_files_of_each_kind_used_last(tmp_path):
+    folder = tmp_path / "engine"
+    old_q4 = [_file(folder, f"q4-{i}.safetensors", 1000 + 100 * i) for i in range(5)]  # q4-0 is the newest
+    q8 = _file(folder, "q8-0.safetensors", 5000)
+    prefixes = [_file(folder, f"prefix-{i:02d}.safetensors", 100 * i) for i in range(10)]
+    stale_tmp, live_tmp = folder / ".q4-9.safetensors.1.tmp", folder / ".q4-9.safetensors.2.tmp"
+    stale_tmp.write_bytes(b"x")
+    live_tmp.write_bytes(b"x")  # another process writing now
+    os.utime(stale_tmp, (time.time() - 2 * engine_weights.STALE_TMP_S,) * 2)
+    prune_engine_folder(folder, keep_states=10**6, keep_prefixes=10**6)
+    assert not stale_tmp.exists() and live_tmp.exists()
+
+    assert load_tensors(old_q4[4]) is not None  # the oldest q4 is used again: it counts as the newest
+    save_tensors(folder / "q4-new.safetensors", {"x": torch.zeros(2)})
+    left = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert [n for n in left if n.startswith("q4-")] == ["q4-4.safetensors", "q4-new.safetensors"]
+    assert q8.exists()  # the only one of its kind
+    assert [n for n in left if n.startswith("prefix-")] == [p.name for p in prefixes[: engine_weights.KEEP_PREFIXES]]
+
+
+def test_a_loaded_packed_state_counts_as_used_and_survives_newer_ones(tmp_path):
+    folder = tmp_path / "engine"
+    first = folder / "fp32-a.safetensors"
+    assert engine_weights.save_state(first, {"x": torch.ones(1)}, SHAPE)
+    os.utime(first, (time.time() - 3000,) * 2)
+    _file(folder, "fp32-b.safetensors", 2000)
+    _file(folder, "fp32-c.safetensors", 1000)  # a, b, c: a is the one used longest ago
+    config, state = engine_weights.load_state(first)
+    assert config == SHAPE and torch.equal(state["x"], torch.ones(1))
+    save_tensors(folder / "fp32-d.safetensors", {"x": torch.ones(1)})
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == ["fp32-a.safetensors", "fp32-d.safetensors"]
+
+
+def test_the_folders_of_gone_or_changed_gguf_files_are_removed_and_no_other(tmp_path):
+    cache = tmp_path / "cache"
+    live, gone, changed = (tmp_path / f"{name}.gguf" for name in ("live", "gone", "changed"))
+    for path in (live, gone, changed):
+        path.write_bytes(b"GGUF" + path.name.encode())
+    folders = {path.name: _cache_folder(path, cache) for path in (live, gone, changed)}
+    for folder in folders.values():
+        assert (folder / SOURCE_RECORD).is_file()
+        (folder / "model").mkdir()
+    unrecorded = cache / "made-before-records-0123456789ab"
+    unrecorded.mkdir()
+    (cache / "calibration").mkdir()
+    gone.unlink()
+    stamp = changed.stat().st_mtime_ns + 10**9
+    os.utime(changed, ns=(stamp, stamp))
+
+    removed = prune_orphans(cache)
+    assert sorted(removed) == sorted([folders["gone.gguf"], folders["changed.gguf"]])
+    assert folders["live.gguf"].is_dir() and unrecorded.is_dir() and (cache / "calibration").is_dir()
+    assert _cache_folder(changed, cache) != folders["changed.gguf"]  # the changed file gets a new folder
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"path": 3}', ""])
+def test_a_damaged_record_keeps_its_folder(tmp_path, damage):
+    folder = tmp_path / "cache" / "x-0"
+    folder.mkdir(parents=True)
+    (folder / SOURCE_RECORD).write_text(damage)
+    assert prune_orphans(tmp_path / "cache") == []
+    assert folder.is_dir()
