@@ -6,6 +6,7 @@ tests pin the pruning and the full-disk path that mend it."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_a_full_disk_leaves_no_partial_file_and_one_warning_naming_the_fix(tmp_p
     assert not file.exists()
     assert list(folder.iterdir()) == []  # the temporary file is gone too
     err = capsys.readouterr().err
-    assert "could not cache q4-0123.safetensors" in err and "No space left on device" in err
+    assert f"could not write the cache entry {file}" in err and "No space left on device" in err
     assert "PIPELINE_CACHE_DIR" in err and len(err.strip().splitlines()) == 1
 
 
@@ -53,7 +54,7 @@ def test_a_cache_that_cannot_be_created_costs_only_the_cache(tmp_path, capsys):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     assert engine_weights.save_state(blocker / "q4-1.safetensors", {"x": torch.ones(2)}, _Config()) is False
-    assert "could not cache" in capsys.readouterr().err
+    assert "could not write the cache entry" in capsys.readouterr().err
 
 
 class _Config:
@@ -141,3 +142,119 @@ def test_a_damaged_record_keeps_its_folder(tmp_path, damage):
     (folder / SOURCE_RECORD).write_text(damage)
     assert prune_orphans(tmp_path / "cache") == []
     assert folder.is_dir()
+
+
+# ------------------------------------------------------------------ a disk that refuses the bytes, end to end
+
+
+def _disk_refusing_writes_over(limit_kb: int, args: list[str], cwd: Path, cache: Path, timeout: int):
+    """run.py with files limited to `limit_kb` (RLIMIT_FSIZE: a larger write fails with EFBIG, as a full disk
+    fails with ENOSPC; CPython ignores SIGXFSZ) and an empty cache, as a user on a nearly full disk runs it."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_kb * 1024, limit_kb * 1024))
+
+    env = {**os.environ, "PIPELINE_CACHE_DIR": str(cache), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args, "tracking.enabled=false", f"hydra.run.dir={cwd / 'run'}"],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=limit,
+    )  # fmt: skip
+
+
+def _no_partial_files(cache: Path) -> list[str]:
+    return [str(p) for p in cache.rglob("*") if ".tmp" in p.name or p.name.startswith(".tokenizer-")]
+
+
+def test_a_disk_refusing_the_tokenizer_folder_still_runs_and_saves_every_result(tmp_path):
+    """The tiny model's tokenizer folder (3.4 MB) does not fit under 1 MB: the run goes on from memory."""
+    cache = tmp_path / "cache"
+    done = _disk_refusing_writes_over(1024, ["model=tiny", "prompt=raw", "generation.max_new_tokens=4",
+                                             "dataset.num_questions=3", "stages.null_model=false"],
+                                      tmp_path, cache, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    warnings = [line for line in done.stderr.splitlines() if "could not write the cache entry" in line]
+    assert warnings and all("PIPELINE_CACHE_DIR" in line for line in warnings)
+    assert any("/tokenizer (" in line for line in warnings)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "finished" and list(saved["stages"]) == ["single", "batched"]
+    assert not (next(cache.glob("*/"), cache) / "tokenizer").exists()
+    assert _no_partial_files(cache) == []
+
+
+@pytest.mark.slow
+def test_a_disk_refusing_the_model_and_packed_weights_still_runs_the_default_and_grades_it(tmp_path):
+    """The real default run under 100 MB files: the dequantized model (0.5 GB) and the packed state (0.7 GB)
+    are not cached, the loss pass and fidelity run from memory, every stage and score is saved."""
+    cache = tmp_path / "cache"
+    done = _disk_refusing_writes_over(100 * 1024, [], tmp_path, cache, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    warnings = [line for line in done.stderr.splitlines() if "could not write the cache entry" in line]
+    assert any("/model (" in line for line in warnings) and any("/engine/q4-" in line for line in warnings)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["status"] == "finished" and list(saved["stages"]) == ["single", "batched"]
+    for stage in saved["stages"].values():
+        assert stage["grader_points"] == stage["grader_points"]  # graded (not NaN)
+        assert stage["top1_agreement"] > 0.9  # fidelity measured against the in-memory fp32 model
+    assert _no_partial_files(cache) == []
+    assert not list(cache.glob("*/model"))
+
+
+def test_the_model_built_in_memory_is_the_one_the_cache_folder_gives(tmp_path, monkeypatch, capsys):
+    """Where the model folder cannot be written, the in-memory model has the same weights, dtype, attention."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import embedded_gguf, gguf_model
+
+    gguf = embedded_gguf()
+    cached = gguf_model(gguf, tmp_path / "ok", ModelConfig(), torch.bfloat16, "eager")
+    import transformers
+
+    def refuse(self, folder, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", refuse)
+    in_memory = gguf_model(gguf, tmp_path / "full", ModelConfig(), torch.bfloat16, "eager")
+    assert "could not write the cache entry" in capsys.readouterr().err
+    assert list((tmp_path / "full").glob("*/model")) == []
+    assert in_memory.dtype == cached.dtype == torch.bfloat16
+    assert in_memory.config._attn_implementation == cached.config._attn_implementation == "eager"
+    ours, theirs = in_memory.state_dict(), cached.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_write_error_that_is_no_disk_error_is_not_hidden(tmp_path):
+    from pipeline.cache import CacheWriteError
+    from pipeline.models import _atomic_save
+
+    def broken(folder):
+        raise ValueError("a bug in the writer")
+
+    with pytest.raises(ValueError, match="a bug"):
+        _atomic_save(tmp_path / "x", broken)
+
+    def full(folder):
+        (Path(folder) / "half").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CacheWriteError, match="PIPELINE_CACHE_DIR"):
+        _atomic_save(tmp_path / "y", full)
+    assert list(tmp_path.iterdir()) == []  # neither folder, nor a temporary sibling
+
+
+def test_small_cache_files_on_a_full_disk_warn_and_leave_nothing(tmp_path, monkeypatch, capsys):
+    from pipeline import cache
+
+    real = Path.write_text
+
+    def full(self, text, *args, **kwargs):
+        real(self, text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert cache.write_text(tmp_path / "calibration" / "k.json", "{}" * 100) is False
+    assert list((tmp_path / "calibration").iterdir()) == []
+    assert "could not write the cache entry" in capsys.readouterr().err

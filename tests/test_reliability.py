@@ -161,6 +161,26 @@ def test_an_interrupt_between_stages_saves_the_finished_stages_as_killed(tmp_pat
     assert list(saved["stages"]) == ["single"] and saved["stages"]["single"]["complete"]
 
 
+def test_a_failure_after_a_stage_keeps_the_stage_marks_the_run_failed_and_says_where(tmp_path, monkeypatch):
+    """The loss pass failing after the single stage (a full disk did this): the stage's results stay, the run
+    is `failed` with its error rather than left `running`, and the log names the folder."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the loss model would not load")
+
+    monkeypatch.setattr(runner, "grade_stage", broken)
+    cfg = load_config(["model=tiny", "prompt=raw", "generation.max_new_tokens=3", "dataset.num_questions=2"])
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="would not load"):
+        runner.run_pipeline(cfg, tmp_path, log=lines.append)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == "RuntimeError: the loss model would not load"
+    assert list(saved["stages"]) == ["single"] and saved["stages"]["single"]["complete"]
+    assert any("failed after the single stage" in line and str(tmp_path) in line for line in lines)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -544,8 +544,7 @@ def calibrate(config, cache_dir: Path, log=print, backend: str = "engine") -> Ca
             "next (times in this run may say more about the machine than the code)"
         )
         return result
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".{time.time_ns()}.tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=1))
-    tmp.replace(file)
+    from pipeline import cache
+
+    cache.write_text(file, json.dumps(asdict(result), indent=1))  # a full disk: measured again next run
     return result

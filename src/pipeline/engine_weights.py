@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import struct
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,21 +347,21 @@ def save_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     folder and the fix, and the next process computes the tensors again. True when the file was written."""
     from safetensors.torch import save_file
 
+    from pipeline import cache
+
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         tmp.replace(file)
-    except Exception as error:  # noqa: BLE001 (safetensors raises its own SafetensorError for an I/O error)
+    except Exception as error:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        print(
-            f"warning: could not cache {file.name} in {file.parent} ({error}); the next run computes it again "
-            "(free disk space there, or set PIPELINE_CACHE_DIR to a disk with room)",
-            file=sys.stderr,
-        )
+        if not cache.is_write_error(error):
+            raise
+        cache.warn(cache.CacheWriteError(file, error), "the next run computes it again")
         return False
     prune_engine_folder(file.parent)
     return True

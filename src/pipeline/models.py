@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache import CacheWriteError, is_write_error
+from pipeline.cache import warn as cache_warn
 from pipeline.config import ModelConfig, default_cache_dir
 from pipeline.errors import PipelineError
 from pipeline.quantize import quantize_int8
@@ -174,15 +176,25 @@ def prune_orphans(cache_dir: Path) -> list[Path]:
 
 
 def _atomic_save(target: Path, save) -> None:
-    """Write a folder through a temporary sibling and rename it, so parallel jobs never see half a cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    """Write a folder through a temporary sibling and rename it, so parallel jobs never see half a cache.
+
+    A disk that refuses the bytes raises CacheWriteError (nothing of the folder left behind): callers that
+    hold what they wrote go on from memory, the others stop with its message naming the fix."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    except OSError as error:
+        raise CacheWriteError(target, error) from error
     try:
         save(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another job won the race; its copy is as good as ours
             pass
+    except Exception as error:
+        if not is_write_error(error):
+            raise
+        raise CacheWriteError(target, error) from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -198,7 +210,11 @@ def gguf_tokenizer(gguf: Path, cache_dir: Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _atomic_save(folder, tokenizer.save_pretrained)
+        try:
+            _atomic_save(folder, tokenizer.save_pretrained)
+        except CacheWriteError as error:
+            cache_warn(error)
+            return tokenizer
     try:
         named = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
     except (OSError, ValueError):
@@ -212,8 +228,8 @@ def gguf_tokenizer(gguf: Path, cache_dir: Path):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
-    """A safetensors folder with the dequantized weights of `gguf`, made once and cached.
+def _dequantized(gguf: Path):
+    """The fp32 transformers model (SDPA) of `gguf`'s weights.
 
     A Llama file of types the engine reads (F32, F16, Q4_1, Q8_0) is dequantized by pipeline.engine_weights
     (the same values as transformers' GGUF loader, which a test checks, in a fraction of its 20 s); any other
@@ -222,21 +238,41 @@ def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
 
     from pipeline import engine_weights
 
+    parsed = engine_weights.read_gguf(gguf)
+    if engine_weights.readable(parsed):
+        return engine_weights.transformers_model(parsed, engine_weights.llama_config(parsed), torch.float32, "sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # the GGUF quantizer state refuses to save; the weights are plain fp32 by now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
+    """A safetensors folder with the dequantized weights of `gguf`, made once and cached (CacheWriteError
+    when the disk refuses it)."""
     folder = _cache_folder(gguf, cache_dir) / "model"
     if not (folder / "config.json").is_file():
-        parsed = engine_weights.read_gguf(gguf)
-        if engine_weights.readable(parsed):
-            model = engine_weights.transformers_model(
-                parsed, engine_weights.llama_config(parsed), torch.float32, "sdpa"
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            # the GGUF quantizer state refuses to save; the weights are plain fp32 by now
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-        _atomic_save(folder, model.save_pretrained)
+        _atomic_save(folder, _dequantized(gguf).save_pretrained)
     return folder
+
+
+def gguf_model(gguf: Path, cache_dir: Path, cfg: ModelConfig, dtype: torch.dtype, attention: str):
+    """The transformers model of `gguf` from its cached folder; where the folder cannot be written (a full
+    disk), the model just dequantized, from memory, with one warning: the run and its results go on."""
+    folder = _cache_folder(gguf, cache_dir) / "model"
+    if not (folder / "config.json").is_file():
+        model = _dequantized(gguf)
+        try:
+            _atomic_save(folder, model.save_pretrained)
+        except CacheWriteError as error:
+            cache_warn(error)
+            if attention != "sdpa":
+                model.set_attn_implementation(attention)
+            return model.to(dtype)
+        del model
+    return _model_from_pretrained(str(folder), cfg, dtype, attention)
 
 
 # engine formats (pipeline.engine.FORMATS) that store a source format without rounding it further: the q4
@@ -414,7 +450,7 @@ def load_model(
                 model, source = _tiny_model(cfg, tokenizer, dtype, attention, seed), "tiny random Llama"
                 formats = {"layers": "random", "output": "random"}
             else:
-                model = _model_from_pretrained(str(gguf_model_folder(gguf, cache_dir)), cfg, dtype, attention)
+                model = gguf_model(gguf, cache_dir, cfg, dtype, attention)
                 source, formats = str(gguf), gguf_formats(gguf, cache_dir)
     elif cfg.source == "local":
         location = local_model_path(cfg.path)
@@ -422,7 +458,7 @@ def load_model(
         if location.is_file():
             with _loading(given, "the GGUF file may be truncated or corrupt: download it again", attention):
                 tokenizer = gguf_tokenizer(location, cache_dir)
-                model = _model_from_pretrained(str(gguf_model_folder(location, cache_dir)), cfg, dtype, attention)
+                model = gguf_model(location, cache_dir, cfg, dtype, attention)
                 formats = gguf_formats(location, cache_dir)
         else:
             fix = "put the model's tokenizer files (tokenizer.json, tokenizer_config.json) in that folder"
@@ -461,7 +497,11 @@ def _random_model(cfg: ModelConfig, cache_dir: Path, dtype: torch.dtype, attenti
         gguf = embedded_gguf() if cfg.source == "embedded" else local_model_path(cfg.path)
         with _loading(f"the architecture of {gguf.name}", "delete the model cache folder and run again", attention):
             tokenizer = gguf_tokenizer(gguf, cache_dir)
-            config = AutoConfig.from_pretrained(str(gguf_model_folder(gguf, cache_dir)))
+            try:
+                config = AutoConfig.from_pretrained(str(gguf_model_folder(gguf, cache_dir)))
+            except CacheWriteError as error:
+                cache_warn(error)
+                config = _dequantized(gguf).config
         architecture = gguf.name
     else:
         location = str(local_model_path(cfg.path)) if cfg.source == "local" else cfg.repo_id

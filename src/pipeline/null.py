@@ -113,8 +113,7 @@ def null_score(cfg: Config, items: list[Item], cache_dir: Path, log: Callable[[s
     )  # fmt: skip
     del backend
     gc.collect()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".{time.time_ns()}.tmp")
-    tmp.write_text(json.dumps({k: v for k, v in dataclasses.asdict(score).items() if k != "cached"}))
-    tmp.replace(file)
+    from pipeline import cache
+
+    cache.write_text(file, json.dumps({k: v for k, v in dataclasses.asdict(score).items() if k != "cached"}))
     return score

@@ -165,7 +165,9 @@ class RunResult:
     # the null model's score beside each stage's accuracy: over how many questions, on which backend
     null_questions: int = 0
     null_backend: str = ""
-    status: str = "running"  # running, finished, or killed (interrupted; the stages done so far are kept)
+    # running, finished, killed (interrupted) or failed (an error, in `error`); the stages done so far are kept
+    status: str = "running"
+    error: str = ""
     stages: list[StageResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # logged as MLflow tags: backend choices, calibration

@@ -105,8 +105,12 @@ def _load(isa: str | None) -> _State:
         error = f"building {_SOURCE.name} for {isa} failed: {_first_error_line(failure)}"
     if error:
         state.reason = error
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(error + "\n")
+        from pipeline import cache
+
+        if "No space left" in error:  # no property of the source: not remembered, the next process builds again
+            state.reason = f"{error} ({cache.FIX})"
+        else:
+            cache.write_text(marker, error + "\n")
         return state
     state.loaded = True
     return state
