@@ -43,8 +43,9 @@ def warn(error: CacheWriteError | str, consequence: str = "running on from memor
     print(f"warning: {error}; {consequence}", file=sys.stderr)
 
 
-def write_text(file: Path, text: str) -> bool:
-    """Write `file` atomically (a temporary sibling, renamed); False, with one warning, when the disk refuses."""
+def write_text(file: Path, text: str, quiet: bool = False) -> bool:
+    """Write `file` atomically (a temporary sibling, renamed); False when the disk refuses, with one warning
+    unless `quiet`."""
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +56,7 @@ def write_text(file: Path, text: str) -> bool:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        warn(CacheWriteError(file, error), "the next run computes it again")
+        if not quiet:
+            warn(CacheWriteError(file, error), "the next run computes it again")
         return False
     return True

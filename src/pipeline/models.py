@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import CacheWriteError, is_write_error
+from pipeline.cache import CacheWriteError, is_write_error, write_text
 from pipeline.cache import warn as cache_warn
 from pipeline.config import ModelConfig, default_cache_dir
 from pipeline.errors import PipelineError
@@ -137,15 +137,9 @@ def _cache_folder(gguf: Path, cache_dir: Path) -> Path:
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_dir / f"{gguf.stem}-{key}"
     record = folder / SOURCE_RECORD
-    if not record.is_file():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"path": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-            tmp = record.with_name(f".{SOURCE_RECORD}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            tmp.replace(record)
-        except OSError:  # a read-only or full cache: nothing here can be pruned either
-            pass
+    if not record.is_file():  # quiet: a read-only or full cache has nothing to prune either
+        text = json.dumps({"path": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        write_text(record, text, quiet=True)
     return folder
 
 
