@@ -181,6 +181,17 @@ def test_a_failure_after_a_stage_keeps_the_stage_marks_the_run_failed_and_says_w
     assert any("failed after the single stage" in line and str(tmp_path) in line for line in lines)
 
 
+def test_a_run_folder_the_disk_will_not_write_is_one_error_naming_it_and_the_fix(tmp_path):
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    cfg = load_config(["model=tiny", "prompt=raw", "generation.max_new_tokens=3", "dataset.num_questions=2"])
+    with pytest.raises(PipelineError, match="could not write the results in .*hydra.run.dir="):
+        runner.run_pipeline(cfg, blocker / "run", log=lambda line: None)
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ every roofline figure, and it is plain numbers in, plain numbers out.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import Item
+from pipeline.errors import PipelineError
 from pipeline.scoring import is_correct, parse_answer, score
 from pipeline.stats import wilson
 
@@ -199,20 +201,31 @@ class RunResult:
 
 
 def save_results(result: RunResult, output_dir: Path) -> None:
-    """Write results.json, predictions.csv and failures.csv into the run folder (rewritten after every stage)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write results.json, predictions.csv and failures.csv into the run folder (rewritten after every stage).
+
+    A folder the disk will not write raises one PipelineError naming it and the fix; each file is written
+    beside and renamed, so what an earlier save wrote stays whole."""
     tmp = output_dir / f".{RESULTS_FILE}.tmp"
-    tmp.write_text(json.dumps(result.summary(), indent=2, default=str))
-    tmp.replace(output_dir / RESULTS_FILE)
-    for name, keep in ((PREDICTIONS_FILE, lambda p: True), (FAILURES_FILE, lambda p: bool(p.failure))):
-        # written beside and renamed, as results.json: a run killed while saving leaves the previous whole file
-        tmp = output_dir / f".{name}.tmp"
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Prediction)])
-            writer.writeheader()
-            for stage in result.stages:
-                writer.writerows(dataclasses.asdict(p) for p in stage.predictions if keep(p))
-        tmp.replace(output_dir / name)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result.summary(), indent=2, default=str))
+        tmp.replace(output_dir / RESULTS_FILE)
+        for name, keep in ((PREDICTIONS_FILE, lambda p: True), (FAILURES_FILE, lambda p: bool(p.failure))):
+            # written beside and renamed, as results.json: a run killed while saving leaves the previous whole file
+            tmp = output_dir / f".{name}.tmp"
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Prediction)])
+                writer.writeheader()
+                for stage in result.stages:
+                    writer.writerows(dataclasses.asdict(p) for p in stage.predictions if keep(p))
+            tmp.replace(output_dir / name)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise PipelineError(
+            f"could not write the results in {output_dir} ({error.strerror or error}): free disk space there, or "
+            "run with hydra.run.dir=<a folder on a disk with room>"
+        ) from error
 
 
 def _accuracy_by(key: str, items: list[Item], correct: list[bool]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from pipeline.backends import Backend, load_backend
 from pipeline.config import Config, PromptConfig
 from pipeline.data import load_items, select
 from pipeline.environment import environment
+from pipeline.errors import PipelineError
 from pipeline.grader import grade_stage, grader_lines
 from pipeline.models import resolve_device
 from pipeline.prompts import build_prompt
@@ -281,7 +282,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"[:1000]
             try:
                 save_results(result, output_dir)
-            except OSError:  # the folder itself cannot be written: the error below is all there is
+            except PipelineError:  # the folder itself cannot be written: the error below is all there is
                 raise error from None
             if result.stages:
                 done = " and ".join(stage.name for stage in result.stages)
