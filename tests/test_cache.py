@@ -135,6 +135,41 @@ def test_the_folders_of_gone_or_changed_gguf_files_are_removed_and_no_other(tmp_
     assert _cache_folder(changed, cache) != folders["changed.gguf"]  # the changed file gets a new folder
 
 
+def test_a_gguf_this_process_cannot_stat_for_another_reason_keeps_its_folder(tmp_path, monkeypatch):
+    """Permission denied (another user's clone, a path another machine sees) is no proof the file is gone."""
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "theirs.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = _cache_folder(gguf, cache)
+    real = Path.stat
+
+    def denied(self, *args, **kwargs):
+        if self == gguf:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    assert prune_orphans(cache) == [] and folder.is_dir()
+
+
+def test_temporary_folders_a_killed_write_left_are_removed_once_stale(tmp_path):
+    from pipeline.models import STALE_TEMPORARY_S
+
+    cache = tmp_path / "cache"
+    gguf = tmp_path / "live.gguf"
+    gguf.write_bytes(b"GGUF")
+    folder = _cache_folder(gguf, cache)
+    stale, writing, kept = folder / ".model-abc123", folder / ".tokenizer-def456", folder / "model"
+    for entry in (stale, writing, kept):
+        entry.mkdir()
+        (entry / "part.safetensors").write_bytes(b"x" * 100)
+    old = time.time() - 2 * STALE_TEMPORARY_S
+    os.utime(stale, (old, old))
+    os.utime(kept, (old, old))
+    assert prune_orphans(cache) == [stale]
+    assert writing.is_dir() and kept.is_dir() and folder.is_dir()
+
+
 @pytest.mark.parametrize("damage", ["{not json", '{"path": 3}', ""])
 def test_a_damaged_record_keeps_its_folder(tmp_path, damage):
     folder = tmp_path / "cache" / "x-0"
@@ -167,7 +202,8 @@ def _disk_refusing_writes_over(limit_kb: int, args: list[str], cwd: Path, cache:
 
 
 def _no_partial_files(cache: Path) -> list[str]:
-    return [str(p) for p in cache.rglob("*") if ".tmp" in p.name or p.name.startswith(".tokenizer-")]
+    """Temporary files (.NAME.PID.tmp) and folders (.model-XXXX, .tokenizer-XXXX) left behind."""
+    return [str(p) for p in cache.rglob("*") if p.name.startswith(".")]
 
 
 def test_a_disk_refusing_the_tokenizer_folder_still_runs_and_saves_every_result(tmp_path):
@@ -182,7 +218,7 @@ def test_a_disk_refusing_the_tokenizer_folder_still_runs_and_saves_every_result(
     assert any("/tokenizer (" in line for line in warnings)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "finished" and list(saved["stages"]) == ["single", "batched"]
-    assert not (next(cache.glob("*/"), cache) / "tokenizer").exists()
+    assert list(cache.glob("*/tokenizer")) == [] and list(cache.glob("*/source.json"))  # the model's folder
     assert _no_partial_files(cache) == []
 
 

@@ -220,6 +220,25 @@ def test_a_failed_build_is_said_once_remembered_and_not_retried(monkeypatch, tmp
     assert len(calls) == 1  # asked to: it builds again
 
 
+@pytest.mark.parametrize("cause", ["No space left on device", "Disk quota exceeded", "Read-only file system"])
+def test_a_build_the_disk_refused_is_not_remembered(monkeypatch, tmp_path, cause):
+    """A full disk says nothing about the source: the next process builds again, and the reason names where."""
+    from torch.utils import cpp_extension
+
+    def refused(**kwargs):
+        raise RuntimeError(f"g++ -c qlinear.cpp\nqlinear.cpp: fatal error: error writing to /tmp/cc1.s: {cause}")
+
+    monkeypatch.setattr(kernels, "_states", {})
+    monkeypatch.setattr(cpp_extension, "load", refused)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(cpu.ISA_ENV, "avx2")
+    monkeypatch.delenv("PIPELINE_DISABLE_KERNELS", raising=False)
+    monkeypatch.delenv(kernels.REBUILD_ENV, raising=False)
+    assert not kernels.available()
+    assert cause in kernels.unavailable_reason() and "TORCH_EXTENSIONS_DIR" in kernels.unavailable_reason()
+    assert not kernels._failure_marker("avx2").exists()
+
+
 def test_a_build_that_computes_wrong_is_not_used():
     """The check every fresh build passes before use: a q4_linear that returns zeros is caught."""
     lib = torch.library.Library("pipeline_selftest", "DEF")

@@ -181,6 +181,37 @@ def test_a_failure_after_a_stage_keeps_the_stage_marks_the_run_failed_and_says_w
     assert any("failed after the single stage" in line and str(tmp_path) in line for line in lines)
 
 
+def test_a_failure_whose_last_save_fails_too_raises_the_failure_with_its_cause_and_logs_the_save(tmp_path, monkeypatch):
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    def broken(*args, **kwargs):
+        try:
+            raise OSError("the root cause")
+        except OSError as cause:
+            raise RuntimeError("the loss model would not load") from cause
+
+    saves = []
+    real = runner.save_results
+
+    def save_once(result, output_dir):
+        saves.append(result.status)
+        if len(saves) > 1:
+            raise PipelineError(f"could not write the results in {output_dir} (No space left on device)")
+        real(result, output_dir)
+
+    monkeypatch.setattr(runner, "grade_stage", broken)
+    monkeypatch.setattr(runner, "save_results", save_once)
+    cfg = load_config(["model=tiny", "prompt=raw", "generation.max_new_tokens=3", "dataset.num_questions=2"])
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="would not load") as raised:
+        runner.run_pipeline(cfg, tmp_path, log=lines.append)
+    assert str(raised.value.__cause__) == "the root cause"
+    assert saves == ["running", "failed"]
+    assert any(line.startswith("error: could not write the results") for line in lines)
+    assert not any("its results are saved" in line for line in lines)
+
+
 def test_a_run_folder_the_disk_will_not_write_is_one_error_naming_it_and_the_fix(tmp_path):
     from pipeline import runner
     from pipeline.config import load_config

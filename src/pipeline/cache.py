@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-FIX = "free disk space there, or set PIPELINE_CACHE_DIR to a disk with room"
+FIX = "free disk space there (or make it writable), or set PIPELINE_CACHE_DIR (model.cache_dir) to a disk with room"
 
 
 def is_write_error(error: BaseException) -> bool:

@@ -420,7 +420,10 @@ def prune_engine_folder(folder: Path, keep_states: int = KEEP_STATES, keep_prefi
             continue
         if entry.name.startswith(".") and entry.name.endswith(".tmp"):
             if now - mtime > STALE_TMP_S:
-                entry.unlink(missing_ok=True)
+                try:
+                    entry.unlink(missing_ok=True)
+                except OSError:  # another user's, or a folder of that name
+                    continue
                 removed.append(entry)
         elif entry.suffix == ".safetensors" and "-" in entry.name:
             groups.setdefault(entry.name.split("-", 1)[0], []).append((mtime, entry.name, entry))

@@ -145,13 +145,16 @@ def _cache_folder(gguf: Path, cache_dir: Path) -> Path:
 
 def prune_orphans(cache_dir: Path) -> list[Path]:
     """Remove the cache folders of GGUF files that are gone or changed since (each 1 to 2 GB: a clone's
-    .venv holds its own copy of the embedded model, so every deleted clone left one behind); what was removed.
-    A folder without a record (made before records were kept) is left alone."""
+    .venv holds its own copy of the embedded model, so every deleted clone left one behind), and the
+    temporary folders `_atomic_save` left when its process was killed; what was removed. A folder without
+    a record (made before records were kept), or whose file this process cannot stat for another reason
+    than its absence (permissions, a path only another machine sees), is left alone."""
     removed: list[Path] = []
     try:
         folders = [f for f in cache_dir.iterdir() if f.is_dir()]
     except OSError:
         return removed
+    now = time.time()
     for folder in folders:
         try:
             record = json.loads((folder / SOURCE_RECORD).read_text())
@@ -161,12 +164,29 @@ def prune_orphans(cache_dir: Path) -> list[Path]:
         try:
             stat = path.stat()
             alive = stat.st_size == size and stat.st_mtime_ns == mtime_ns
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             alive = False
-        if not alive:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+        except OSError:
+            continue
+        doomed = [folder] if not alive else _stale_temporaries(folder, now)
+        for entry in doomed:
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
     return removed
+
+
+STALE_TEMPORARY_S = 3600.0  # a temporary folder this old was left by a process killed while writing it
+
+
+def _stale_temporaries(folder: Path, now: float) -> list[Path]:
+    stale = []
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.startswith(".") and entry.is_dir() and now - entry.stat().st_mtime > STALE_TEMPORARY_S:
+                    stale.append(entry)
+    return stale
 
 
 def _atomic_save(target: Path, save) -> None:
@@ -243,6 +263,18 @@ def _dequantized(gguf: Path):
     return model
 
 
+def _gguf_config(gguf: Path):
+    """The transformers config of `gguf`'s model, read from its metadata (no weights)."""
+    from transformers import AutoConfig
+
+    from pipeline import engine_weights
+
+    parsed = engine_weights.read_gguf(gguf)
+    if engine_weights.readable(parsed):
+        return engine_weights.llama_config(parsed).to_transformers()
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
 def gguf_model_folder(gguf: Path, cache_dir: Path) -> Path:
     """A safetensors folder with the dequantized weights of `gguf`, made once and cached (CacheWriteError
     when the disk refuses it)."""
@@ -262,9 +294,10 @@ def gguf_model(gguf: Path, cache_dir: Path, cfg: ModelConfig, dtype: torch.dtype
             _atomic_save(folder, model.save_pretrained)
         except CacheWriteError as error:
             cache_warn(error)
+            model = model.to(dtype)
             if attention != "sdpa":
                 model.set_attn_implementation(attention)
-            return model.to(dtype)
+            return model
         del model
     return _model_from_pretrained(str(folder), cfg, dtype, attention)
 
@@ -495,7 +528,7 @@ def _random_model(cfg: ModelConfig, cache_dir: Path, dtype: torch.dtype, attenti
                 config = AutoConfig.from_pretrained(str(gguf_model_folder(gguf, cache_dir)))
             except CacheWriteError as error:
                 cache_warn(error)
-                config = _dequantized(gguf).config
+                config = _gguf_config(gguf)
         architecture = gguf.name
     else:
         location = str(local_model_path(cfg.path)) if cfg.source == "local" else cfg.repo_id

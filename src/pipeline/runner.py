@@ -282,11 +282,12 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"[:1000]
             try:
                 save_results(result, output_dir)
-            except PipelineError:  # the folder itself cannot be written: the error below is all there is
-                raise error from None
-            if result.stages:
-                done = " and ".join(stage.name for stage in result.stages)
-                log(f"failed after the {done} stage: its results are saved in {output_dir} (status failed)")
+            except PipelineError as unsaved:  # the folder itself cannot be written: say so, raise the cause
+                log(f"error: {unsaved}")
+            else:
+                if result.stages:
+                    done = " and ".join(stage.name for stage in result.stages)
+                    log(f"failed after the {done} stage: its results are saved in {output_dir} (status failed)")
             raise
         gpu = [
             stage.peak_gpu_memory_mb for stage in result.stages if stage.peak_gpu_memory_mb == stage.peak_gpu_memory_mb

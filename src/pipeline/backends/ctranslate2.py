@@ -79,7 +79,12 @@ def source_folder(cfg: Config, backend: str) -> tuple[Path, Path]:
         )
     gguf_tokenizer(gguf, cache_dir)  # fills the tokenizer cache beside the model
     folder = gguf_model_folder(gguf, cache_dir)
-    return folder, folder.parent / "tokenizer"
+    tokenizer = folder.parent / "tokenizer"
+    if not (tokenizer / "tokenizer_config.json").is_file():  # the disk refused it (warned above)
+        from pipeline.cache import FIX
+
+        raise PipelineError(f"backend={backend} converts the model from files in {folder.parent}: {FIX}")
+    return folder, tokenizer
 
 
 def stop_ids(tokenizer, stop: str | None, eos: int) -> list[int]:

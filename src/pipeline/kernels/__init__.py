@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,13 +108,19 @@ def _load(isa: str | None) -> _State:
         state.reason = error
         from pipeline import cache
 
-        if "No space left" in error:  # no property of the source: not remembered, the next process builds again
-            state.reason = f"{error} ({cache.FIX})"
+        if re.search(DISK_ERRORS, error):  # no property of the source: not remembered, the next process builds again
+            state.reason = (
+                f"{error} (free disk space in $TORCH_EXTENSIONS_DIR and the temporary folder, or point them elsewhere)"
+            )
         else:
             cache.write_text(marker, error + "\n")
         return state
     state.loaded = True
     return state
+
+
+# a build that failed for one of these reasons says nothing about the source and is not remembered
+DISK_ERRORS = r"No space left|Disk quota exceeded|Read-only file system|File too large"
 
 
 def _self_test(isa: str) -> str:
