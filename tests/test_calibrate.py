@@ -4,8 +4,24 @@ runs."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import time
 
-from pipeline.calibrate import MIX, ROWS, TILE_ROWS, Calibration, calibrate, candidates, measure
+import pytest
+
+from pipeline.calibrate import (
+    BUSY_SHARE,
+    MIX,
+    ROWS,
+    TILE_ROWS,
+    Calibration,
+    calibrate,
+    candidates,
+    cpu_seconds,
+    measure,
+    other_load,
+)
 
 
 def _calibration(**step_ms) -> Calibration:
@@ -149,6 +165,7 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
     # the tiny model's steps take a fraction of a millisecond, so on a shared machine their repetitions may spread
     # past the noise rule, which would then (rightly) not cache them; that rule has its own test below
     monkeypatch.setattr("pipeline.calibrate.NOISY", float("inf"))
+    monkeypatch.setattr("pipeline.calibrate.BUSY_SHARE", float("inf"))  # likewise for other processes' load
     first = calibrate(config, tmp_path, log=lambda _: None)
     saved = next((tmp_path / "calibration").glob("*.json"))
     assert json.loads(saved.read_text())["step_ms"] == first.step_ms and first.cached
@@ -174,6 +191,56 @@ def test_a_noisy_calibration_is_measured_again_and_never_cached(tmp_path, monkey
     result = calibrate(_tiny_config(), tmp_path, log=lines.append)
     assert len(calls) == 2 and not result.cached and not (tmp_path / "calibration").exists()
     assert any("used for this run only" in line for line in lines)
+
+
+def _steady(config, reps=5, backend=None, reverse=False):
+    """A measurement whose repetitions agree, taking 0.6 s of this process's threads (as the real one does)."""
+    import torch
+
+    end = time.perf_counter() + 0.6
+    a = torch.randn(256, 256)
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+    return {"engine:fp32": {"1": 10.0}}, {"engine:fp32": {"1": 1.0}}
+
+
+def test_a_calibration_made_while_other_processes_keep_the_cpus_busy_is_used_once_and_not_cached(tmp_path, monkeypatch):
+    """Other processes busy on every CPU: repetitions can agree and still rank the candidates as that busy machine
+    does, so the result serves this run only and says why."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr("pipeline.calibrate.measure", _steady)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)  # started and spinning
+        lines: list[str] = []
+        result = calibrate(_tiny_config(), tmp_path, log=lines.append)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert result.other_load > BUSY_SHARE and not result.cached
+    assert not (tmp_path / "calibration").exists()
+    assert any("other processes kept" in line and "used for this run only" in line for line in lines)
+
+
+def test_a_calibration_counts_its_own_threads_as_its_own(tmp_path, monkeypatch):
+    """The measurement's own (multi-threaded) work is no other process's load: on an idle machine it is cached."""
+    monkeypatch.setattr("pipeline.calibrate.measure", _steady)
+    result = calibrate(_tiny_config(), tmp_path, log=lambda _: None)
+    assert 0.0 <= result.other_load < BUSY_SHARE and result.cached
+    assert json.loads(next((tmp_path / "calibration").glob("*.json")).read_text())["other_load"] == result.other_load
+
+
+def test_other_load_is_the_machine_s_busy_time_less_this_process_s():
+    cpus = os.cpu_count() or 1
+    assert other_load((100.0, 10.0), (100.0 + 2.0 * cpus, 10.0 + 1.0 * cpus), 2.0) == pytest.approx(0.5)
+    assert other_load((100.0, 10.0), (101.0, 11.5), 1.0) == 0.0  # never below zero (tick rounding)
+    assert math.isnan(other_load(None, (1.0, 1.0), 1.0))
+    assert math.isnan(other_load((100.0, 10.0), (101.0, 10.0), 0.01))  # too short to tell
+    before = cpu_seconds()
+    assert before is not None and before[0] > 0 and before[1] > 0  # /proc/stat and this process's times
 
 
 def test_the_transformers_backend_follows_the_calibration(compose_cfg, monkeypatch):

@@ -120,6 +120,10 @@ def test_the_default_config_runs_under_every_kind(kind, tmp_path):
     assert result.environment["cpu_kind_forced"] in ("forced", "simulated")
     assert "calibrating" in log  # the first-run path ran, not a cached result
     assert result.tags["kernel"].startswith("none") == (kind == NO_KERNEL)
+    # the calibration says whether it was trusted beyond this run, and how busy other processes kept the CPUs
+    assert result.tags["calibration_cached"] in ("true", "false")
+    other = float(result.tags["calibration_other_load"])  # NaN: a calibration under a second, too short to tell
+    assert other >= 0.0 or math.isnan(other)
     for stage in result.stages:
         assert stage.fidelity_tokens > 0 and stage.kld_mean < 1e-3 and stage.top1_agreement == 1.0
         assert not math.isnan(stage.grader_loss) and stage.peak_rss_mb > 0

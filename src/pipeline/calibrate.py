@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,12 @@ REPS = 3  # interleaved rounds: the median of three, and their spread
 NOISY = 1.5  # a median spread of repetitions (max / min) above this means a busy machine: measure again
 GEMM_GAIN = 1.1  # bf16 GEMM rounds activations and weights: taken only for a clear gain
 MAX_ROUND_S = 20.0  # a calibration round slower than this is not repeated
+# other processes busy on more than this share of the CPUs while the calibration measured: its choices are the
+# busy machine's (one calibration made while a test suite ran beside it took the tiles to 8 rows instead of 32,
+# sending the single stage's prefills of about 16 rows to bf16 GEMM, measured 1.21x slower), so it serves
+# that run only
+BUSY_SHARE = 0.25
+MIN_LOAD_WINDOW_S = 1.0
 # a choice counts as slower when it takes this much longer than the reference
 SLOWER = 1.15
 # int8 activations are not bit-exact, so auto takes them only for a clear gain (at least 15%): one-row steps
@@ -92,6 +99,8 @@ class Calibration:
     # max / min of each candidate's repetitions, per number of rows (1.0: they agreed)
     spread: dict[str, dict[str, float]] = field(default_factory=dict)
     cached: bool = True  # false: the machine was too busy to trust it beyond this process
+    # the share of the CPUs other processes kept busy while it measured (NaN: not known on this system)
+    other_load: float = float("nan")
 
     def median_spread(self) -> float:
         values = sorted(v for times in self.spread.values() for v in times.values())
@@ -511,6 +520,31 @@ def _confirmed(config, backend: str, first: Calibration, first_pass: tuple[dict,
     return Calibration(step_ms, first.machine, 0.0, spread)
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process), or None without /proc/stat.
+
+    Busy is user + nice + system + irq + softirq of /proc/stat's first line: not idle, not I/O wait, and not
+    steal (time the hypervisor gave to other machines, which no process here can free)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 7:
+        return None
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None, wall_s: float) -> float:
+    """The share of the CPUs that processes other than this one kept busy between two `cpu_seconds()`; NaN
+    under a second (the counters tick in hundredths of a second per CPU)."""
+    if before is None or after is None or wall_s < MIN_LOAD_WINDOW_S:
+        return float("nan")
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (wall_s * (os.cpu_count() or 1))
+
+
 def calibrate(config, cache_dir: Path, log=print, backend: str = "engine") -> Calibration:
     """The cached calibration for this machine and model shape (a transformers config), measured now if there
     is none: again when its repetitions spread widely, and then, if still noisy, not cached."""
@@ -526,7 +560,7 @@ def calibrate(config, cache_dir: Path, log=print, backend: str = "engine") -> Ca
         except (TypeError, ValueError):
             pass  # an old or damaged file: measure again
     log("calibrating the engine's step and weight formats on this machine (once; cached in " + str(file.parent) + ")")
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), cpu_seconds()
     for _attempt in range(2):
         round_start = time.perf_counter()
         step_ms, spread = measure(config, backend=backend)
@@ -537,6 +571,14 @@ def calibrate(config, cache_dir: Path, log=print, backend: str = "engine") -> Ca
     if result.median_spread() <= NOISY:
         result = _confirmed(config, backend, result, (step_ms, spread), log)
     result.seconds = round(time.perf_counter() - start, 2)
+    result.other_load = round(other_load(cpu_before, cpu_seconds(), time.perf_counter() - start), 3)
+    if result.other_load > BUSY_SHARE:
+        result.cached = False
+        log(
+            f"calibration: other processes kept {result.other_load:.0%} of the CPUs busy while it measured; used "
+            "for this run only, measured again in the next (on a busy machine, its choices are the busy machine's)"
+        )
+        return result
     if result.median_spread() > NOISY:
         result.cached = False
         log(

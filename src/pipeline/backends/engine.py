@@ -174,6 +174,9 @@ class EngineBackend:
                     f"{name} {times.get('1', float('nan')):.1f}/{times.get('32', float('nan')):.0f} ms"
                     for name, times in calibration.step_ms.items()
                 ),
+                # whether the calibration was trusted beyond its run, and how busy other processes kept the CPUs
+                "calibration_cached": str(calibration.cached).lower(),
+                "calibration_other_load": f"{calibration.other_load:.2f}",
             },
         )
 
