@@ -521,7 +521,8 @@ def _confirmed(config, backend: str, first: Calibration, first_pass: tuple[dict,
 
 
 def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds the whole machine has been busy, CPU seconds of this process), or None without /proc/stat.
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its finished children), or
+    None without /proc/stat.
 
     Busy is user + nice + system + irq + softirq of /proc/stat's first line: not idle, not I/O wait, and not
     steal (time the hypervisor gave to other machines, which no process here can free)."""
@@ -532,8 +533,8 @@ def cpu_seconds() -> tuple[float, float] | None:
     if len(fields) < 7:
         return None
     busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
-    own = os.times()
-    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    own = os.times()  # with the children it waited for (a kernel build's compiler is this process's work)
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
 
 
 def other_load(before: tuple[float, float] | None, after: tuple[float, float] | None, wall_s: float) -> float:
