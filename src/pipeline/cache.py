@@ -9,6 +9,7 @@ No torch here: run.py's checks import this.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -52,11 +53,15 @@ def write_text(file: Path, text: str, quiet: bool = False) -> bool:
         tmp.write_text(text)
         tmp.replace(file)
     except OSError as error:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not quiet:
-            warn(CacheWriteError(file, error), "the next run computes it again")
-        return False
+        return refused(file, tmp, error, quiet)
     return True
+
+
+def refused(file: Path, tmp: Path, error: BaseException, quiet: bool = False) -> bool:
+    """After the disk refused `file`, written through `tmp`: the partial file removed, one warning unless
+    `quiet`; False, for the writer to return."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+    if not quiet:
+        warn(CacheWriteError(file, error), "the next run computes it again")
+    return False

@@ -13,6 +13,7 @@ the tokenizer's business), in milliseconds where gguf-py's reader maps every arr
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -355,14 +356,11 @@ def save_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         tmp.replace(file)
     except Exception as error:
-        try:
+        if cache.is_write_error(error):
+            return cache.refused(file, tmp, error)
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not cache.is_write_error(error):
-            raise
-        cache.warn(cache.CacheWriteError(file, error), "the next run computes it again")
-        return False
+        raise
     prune_engine_folder(file.parent)
     return True
 
