@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -170,3 +173,16 @@ def test_time_intervals_are_on_the_log_scale_and_never_below_zero():
     assert seconds_target(19, "warm", [0.5, 0.52, 0.51], 1.0).verdict == "met"
     one = mean_interval([2.0])
     assert one[0] == 2.0 and math.isnan(one[1]) and math.isnan(one[2])  # no interval from one
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.4])
+def test_seconds_since_start_is_the_process_own_age_as_its_parent_times_it(delay_s):
+    # the ready time is this figure: psutil's create_time (whole-second boot time) made every process seem up to a
+    # second older (0.63 s for a process that had lived 0.05 s on the machine where it was found)
+    code = f"import time\ntime.sleep({delay_s})\nfrom pipeline.memory import seconds_since_start\nprint(seconds_since_start())"
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    lived = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-800:]
+    said = float(done.stdout.strip())
+    assert delay_s <= said <= lived + 0.02  # a clock tick (10 ms) of rounding, and a tick's slack

@@ -47,9 +47,22 @@ def rss_mb() -> float:
 
 
 def seconds_since_start() -> float:
-    """Seconds since this process started (interpreter start-up and imports included)."""
+    """Seconds since this process started (interpreter start-up and imports included).
+
+    On Linux both ends are read from the boot clock: the process's start in clock ticks since boot
+    (/proc/self/stat, field 22) against CLOCK_BOOTTIME now, so the figure is good to a tick (10 ms).
+    psutil's create_time adds that to the boot time of /proc/stat, which is whole seconds: every process
+    then seems to have started up to a second earlier (0.59 s on the machine this was found on).
+    """
+    import os
     import time
 
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # the fields after "(comm) ": state is field 3
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
     try:
         import psutil
 
