@@ -213,6 +213,37 @@ def check_overrides(args: list[str], conf_dir: Path = Path(__file__).resolve().p
     return None
 
 
+def remember_run_mode(args: list[str], conf_dir: Path = Path(__file__).resolve().parent / "conf") -> None:
+    """Hydra composes the whole config once only to read `hydra.mode`, then again to run (0.2 s of a warm
+    process's ready time). The mode these overrides give with this conf/ and schema is remembered beside the
+    passed override check, and Hydra is handed it from there. Hydra's own flags (-m, --cfg, ...) are left to it.
+    """
+    if any(a.startswith("-") for a in args):
+        return
+    try:
+        from hydra._internal.hydra import Hydra
+
+        composing = getattr(Hydra.get_mode, "composing", Hydra.get_mode)  # Hydra's own, once replaced
+    except (ImportError, AttributeError):  # another Hydra than 1.3's: it composes twice, as it would
+        return
+    file = _checked_marker(args, conf_dir).with_suffix(".mode")
+
+    def get_mode(self, config_name, overrides):
+        try:
+            name = file.read_text()
+            return None if name == "none" else RunMode[name]
+        except (OSError, KeyError):  # not remembered yet, or unreadable: Hydra composes as it would
+            pass
+        mode = composing(self, config_name, overrides)
+        from pipeline import cache
+
+        cache.write_text(file, "none" if mode is None else mode.name, quiet=True)
+        return mode
+
+    get_mode.composing = composing
+    Hydra.get_mode = get_mode
+
+
 def check_cpu_kind() -> str | None:
     """A forced CPU kind this CPU cannot run, as one line (else None)."""
     from pipeline import cpu
@@ -229,4 +260,5 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    remember_run_mode(sys.argv[1:])
     main()

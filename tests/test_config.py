@@ -222,3 +222,43 @@ def test_a_passed_override_check_is_remembered_until_conf_or_the_overrides_chang
     assert "not a valid bool" in run.check_overrides(["stages.batched=false"], conf)  # checked again, and caught
     assert len(composed) == 4
     GlobalHydra.instance().clear()
+
+
+def test_the_run_mode_is_remembered_per_overrides_and_conf(tmp_path, monkeypatch):
+    """Hydra composes once just to read hydra.mode: run.py remembers it, so a second process with the same
+    overrides and conf/ does not compose for it, and a conf/ that changes the mode is read again."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    import run
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(Hydra, "get_mode", Hydra.get_mode)  # put back after the test: remember_run_mode replaces it
+    composed = []
+    compose = Hydra.compose_config
+
+    def counting(self, *args, **kwargs):
+        composed.append(kwargs.get("overrides"))
+        return compose(self, *args, **kwargs)
+
+    monkeypatch.setattr(Hydra, "compose_config", counting)
+    GlobalHydra.instance().clear()
+    app = Hydra.create_main_hydra2(task_name="run", config_search_path=create_config_search_path(str(conf)))
+    args = ["stages.batched=false"]
+    run.remember_run_mode(args, conf)
+    assert app.get_mode("config", args) is None  # the shipped conf sets no mode
+    assert app.get_mode("config", args) is None
+    assert len(composed) == 1
+    config = conf / "config.yaml"
+    config.write_text(config.read_text().replace("hydra:\n", "hydra:\n  mode: MULTIRUN\n", 1))
+    run.remember_run_mode(args, conf)  # the next process, after the edit
+    assert app.get_mode("config", args) == RunMode.MULTIRUN
+    assert app.get_mode("config", args) == RunMode.MULTIRUN
+    assert len(composed) == 2
+    wrapped = Hydra.get_mode
+    run.remember_run_mode(["-m", *args], conf)  # Hydra's flags: left to Hydra
+    assert Hydra.get_mode is wrapped
+    GlobalHydra.instance().clear()
