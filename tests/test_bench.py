@@ -179,7 +179,10 @@ def test_time_intervals_are_on_the_log_scale_and_never_below_zero():
 def test_seconds_since_start_is_the_process_own_age_as_its_parent_times_it(delay_s):
     # the ready time is this figure: psutil's create_time (whole-second boot time) made every process seem up to a
     # second older (0.63 s for a process that had lived 0.05 s on the machine where it was found)
-    code = f"import time\ntime.sleep({delay_s})\nfrom pipeline.memory import seconds_since_start\nprint(seconds_since_start())"
+    code = (
+        f"import time\ntime.sleep({delay_s})\nfrom pipeline.memory import seconds_since_start\n"
+        "print(seconds_since_start())"
+    )
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     lived = time.perf_counter() - start

@@ -476,7 +476,7 @@ class Source:
         if self.parsed is not None:
             from pipeline.models import _prepare_tokenizer, gguf_tokenizer
 
-            self.tokenizer = gguf_tokenizer(self.gguf_path, self.cache_dir)
+            self.tokenizer = gguf_tokenizer(self.gguf_path, self.cache_dir, light=True)
             _prepare_tokenizer(self.tokenizer)
             self.config = llama_config(self.parsed)
             self.formats = source_formats(self.parsed)

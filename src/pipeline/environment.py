@@ -72,10 +72,18 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
         return "unknown"
 
 
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     """Machine and library facts for the run record."""
     import torch
-    import transformers
 
     from pipeline import cpu
 
@@ -90,7 +98,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
+        "transformers_version": _version("transformers"),  # without importing it (0.45 s of the ready time)
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
