@@ -424,3 +424,35 @@ def LlamaForCausalLMFromConfig(config):
 
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
+
+
+def test_cached_bf16_copies_give_the_same_packed_weights_and_tokens(tiny, monkeypatch):
+    """The backend keeps the bf16 GEMM's copies (rounded, transposed) beside the packed state: an engine given
+    them packs the same oneDNN weights and decodes the same tokens, without rounding or transposing again; a
+    copy of the wrong shape (a damaged or foreign file) is made again rather than packed."""
+    import pipeline.engine
+    from pipeline.engine import state_from_model
+
+    if not pipeline.engine.onednn_bf16():
+        pytest.skip("oneDNN's bf16 linear does not run on this CPU: the copies are neither made nor used")
+    state = state_from_model(tiny.model, "q4")
+    made = Engine(config=tiny.model.config, state=state, fmt="q4", max_kernel_rows=2, gemm_dtype=torch.bfloat16)
+    copies = made.bf16_copies()
+    assert len(copies) == 4 * len(made.layers) + 1 and all(c.dtype == torch.bfloat16 for c in copies.values())
+    copies["layers.0.o.bf16"] = copies["layers.0.o.bf16"][:, 1:]  # wrong shape: made again
+    rounded = []
+    real = pipeline.engine.bf16_plain
+    monkeypatch.setattr(pipeline.engine, "bf16_plain", lambda w: rounded.append(w.shape) or real(w))
+    given = Engine(config=tiny.model.config, state={**state, **copies}, fmt="q4", max_kernel_rows=2,
+                   gemm_dtype=torch.bfloat16)  # fmt: skip
+    assert rounded == [made.layers[0].o.weight_t.shape]
+    names = pipeline.engine.MATRICES
+    pairs = [(getattr(a, n), getattr(b, n)) for a, b in zip(made.layers, given.layers) for n in names]
+    for a, b in [*pairs, (made.lm_head, given.lm_head)]:
+        assert torch.equal(a.gemm_t.to_dense(), b.gemm_t.to_dense())
+    tokenizer = tiny.tokenizer
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:4]]
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    with torch.inference_mode():
+        tokens = [[s.generated for s in e.generate(prompts, 6, stopper, slots=4)] for e in (made, given)]
+    assert tokens[0] == tokens[1]

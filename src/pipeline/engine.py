@@ -75,6 +75,7 @@ class Linear:
         max_kernel_rows: int,
         gemm_dtype: torch.dtype = torch.float32,
         tiles: bool = False,
+        gemm_plain: torch.Tensor | None = None,
     ):
         self.in_features, self.out_features = weight_t.shape
         self.fmt, self.max_kernel_rows = fmt, max_kernel_rows
@@ -82,7 +83,8 @@ class Linear:
         self.packed = packed if packed and _fused_kernel_available() else ()
         # what the GEMM of many rows multiplies: the fp32 weights, or a bf16 copy where bf16 GEMM is native and
         # measured faster (precision.gemm); bf16 rounds them, and the run's fidelity says what that costs
-        self.gemm_t = weight_t if gemm_dtype == torch.float32 else bf16_gemm_weight(weight_t)
+        # (`gemm_plain`: the bf16 copy as a plain [N, K] matrix, cached by the backend: Engine.bf16_copies)
+        self.gemm_t = weight_t if gemm_dtype == torch.float32 else bf16_gemm_weight(weight_t, gemm_plain)
         # q4 only: the weights as 16-row tiles for int8 products (kernels.q4_gemm_i8), which take the rows above
         # the kernel's limit up to `tile_rows` (set_tile_rows), activations in two int8 digits (`tile_split`,
         # 15 bits) or one (8 bits: lossy); empty where unused
@@ -129,17 +131,26 @@ class Linear:
         return self.weight_t.numel() * self.weight_t.element_size()
 
 
-def bf16_gemm_weight(weight_t: torch.Tensor) -> torch.Tensor:
+def bf16_gemm_weight(weight_t: torch.Tensor, plain: torch.Tensor | None = None) -> torch.Tensor:
     """The bf16 GEMM's copy of W ([K, N] fp32 in): packed once in oneDNN's blocked layout ([N, K], as inductor
     packs frozen bf16 linears), else plain bf16 [K, N] where this torch has no oneDNN.
 
     at::mm on a plain bf16 matrix re-packs it inside every call: for the engine's steps of 8-32 rows that
     doubled the product's time (30 layers at 32 rows, 21 ms plain vs 13 ms packed, AVX512-BF16 EPYC).
+    `plain`, where given, is `bf16_plain(weight_t)` from the cache: the rounding and the transpose, 0.27 s of
+    SmolLM2's load, are then skipped, and only oneDNN's packing (0.1 s) is left.
     """
     if onednn_bf16():
-        # rounded before the transpose: half the bytes moved (0.29 -> 0.17 s at load for SmolLM2), the same bits
-        return torch.ops.mkldnn._reorder_linear_weight(weight_t.to(torch.bfloat16).t().contiguous(), 32)
+        if plain is None or plain.shape != weight_t.shape[::-1] or plain.dtype != torch.bfloat16:
+            plain = bf16_plain(weight_t)
+        return torch.ops.mkldnn._reorder_linear_weight(plain, 32)
     return weight_t.to(torch.bfloat16)
+
+
+def bf16_plain(weight_t: torch.Tensor) -> torch.Tensor:
+    """W in bf16 as a plain [N, K] matrix: what oneDNN packs. Rounded before the transpose: half the bytes moved
+    (0.29 -> 0.17 s at load for SmolLM2), the same bits."""
+    return weight_t.to(torch.bfloat16).t().contiguous()
 
 
 @functools.cache
@@ -227,7 +238,8 @@ class Layer:
 
         def linear(name: str) -> Linear:
             packed = tuple(state[f"{prefix}{name}.{key}"] for key in PACKED[fmt])
-            return Linear(state[f"{prefix}{name}.t"], packed, fmt, max_kernel_rows, gemm_dtype, tiles)
+            plain = state.get(f"{prefix}{name}.bf16")
+            return Linear(state[f"{prefix}{name}.t"], packed, fmt, max_kernel_rows, gemm_dtype, tiles, plain)
 
         self.qkv, self.o, self.gate_up, self.down = (linear(name) for name in MATRICES)
         self.attn_norm = state[f"{prefix}attn_norm"]
@@ -325,7 +337,10 @@ class Engine:
         self.norm = state["norm"]
         head_packed = tuple(state[f"lm_head.{key}"] for key in PACKED[head_format(fmt)])
         # the head's GEMM (a batched step's rows above its kernel limit) in the layers' GEMM dtype
-        self.lm_head = Linear(state["lm_head.t"], head_packed, head_format(fmt), max_kernel_rows, gemm_dtype)
+        self.lm_head = Linear(
+            state["lm_head.t"], head_packed, head_format(fmt), max_kernel_rows, gemm_dtype,
+            gemm_plain=state.get("lm_head.bf16"),
+        )  # fmt: skip
         self._rotary = None  # transformers' LlamaRotaryEmbedding, for RoPE types other than the default
         self.rotations = torch.empty(0, dtype=torch.complex64)
         self.rotations_real = torch.empty(0)  # the same as [length, dim/2, (cos, sin)] for the fused kernel
@@ -353,6 +368,19 @@ class Engine:
         # by its rows ("head:5"): what the bench's roofline of a stage is computed from
         self.steps: Counter[str] = Counter()
         self._ensure(slots, 256)
+
+    def bf16_copies(self) -> dict[str, torch.Tensor]:
+        """The bf16 GEMM's weights as plain [N, K] matrices, by state key (`layers.i.qkv.bf16`, `lm_head.bf16`):
+        what a state given them skips computing at load (empty where the GEMM is not oneDNN's bf16)."""
+        if self.gemm_dtype != torch.bfloat16 or not onednn_bf16():
+            return {}
+        copies = {
+            f"layers.{i}.{name}.bf16": bf16_plain(getattr(layer, name).weight_t)
+            for i, layer in enumerate(self.layers)
+            for name in MATRICES
+        }
+        copies["lm_head.bf16"] = bf16_plain(self.lm_head.weight_t)
+        return copies
 
     def set_kernel_rows(self, rows: int, head_rows: int | None = None) -> None:
         """Our kernel up to `rows` rows, GEMM above (the calibration times both sides of the limit); the lm_head's

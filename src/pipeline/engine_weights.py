@@ -492,6 +492,11 @@ class Source:
         key = json.dumps([str(self.gguf_path), self.gguf_path.stat().st_mtime_ns, prefix, numerics, code_digest()])
         return self.folder / "engine" / f"prefix-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
 
+    def bf16_file(self, fmt: str) -> Path | None:
+        """Where the bf16 GEMM's copies of the weights packed in `fmt` are kept (Engine.bf16_copies); None
+        without a GGUF source."""
+        return cache_file(self.folder, self.gguf_path, f"bf16.{fmt}") if self.parsed is not None else None
+
     def transformers_model(self):
         """The fp32 transformers model of these weights (loaded on first use: the loss pass, fidelity)."""
         if self._loaded is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import time
 from collections.abc import Callable
 
@@ -33,6 +34,12 @@ IGNORED = [
 def weight_format_for(precision: str) -> str:
     """The engine's decode weight format for a precision name (auto: measured, see `pipeline.calibrate`)."""
     return {"fp32": "fp32", "int8": "q8", "q8": "q8", "q4": "q4"}.get(precision, "")
+
+
+def _save_copies(file, engine: Engine) -> None:
+    copies = engine.bf16_copies()
+    if copies:
+        save_tensors(file, copies)
 
 
 class EngineBackend:
@@ -132,10 +139,18 @@ class EngineBackend:
         log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
             state, packed_how = self.source.state(fmt, log)
+            # the bf16 GEMM's copies of the weights, rounded and transposed once and kept beside the packed state
+            copies_file = self.source.bf16_file(fmt) if gemm == "bf16" and rows and fmt != "fp32" else None
+            copies = load_tensors(copies_file) if copies_file is not None else None
+            if copies:
+                state = {**state, **copies}
             self.engine = Engine(
                 config=config, state=state, fmt=fmt, slots=1, max_kernel_rows=rows, int8_activations=int8_x,
                 gemm_dtype=torch.bfloat16 if gemm == "bf16" else torch.float32, tiles=bool(tiles),
             )  # fmt: skip
+        if copies_file is not None and not copies:
+            # written when the process ends, as the packed state is (0.3 s of SmolLM2's load, kept out of the stages)
+            atexit.register(_save_copies, copies_file, self.engine)
         self.engine.set_kernel_rows(rows, head_rows)
         if tiles:
             self.engine.set_tile_rows(tile_rows, split=tiles == "int8x2")
@@ -165,6 +180,7 @@ class EngineBackend:
                 "kernel": kernel,
                 "source_formats": source,
                 "engine_weights": packed_how,
+                "bf16_copies": "cached" if copies else "made" if copies_file is not None else "none",
                 "activations": "int8" if int8_x else "fp32",
                 "gemm": gemm,
                 "tiles": tiles or "none",
