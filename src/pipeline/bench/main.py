@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
                         environment = {**os.environ, **env}
                         prepared = subprocess.run(command, env=environment, capture_output=True, text=True,
                                                   cwd=PROJECT_ROOT)  # fmt: skip
+                        # kept beside the run: what prepare measured explains a slow first process (one recalibrated)
+                        log = args.work / f"{kind}{attempt}" / "prepare.log"
+                        log.parent.mkdir(parents=True, exist_ok=True)
+                        log.write_text(prepared.stdout + prepared.stderr)
                         if prepared.returncode != 0:
                             raise RowFailed(f"pipeline.prepare: {prepared.stderr.strip().splitlines()[-1:]}")
                     sample = run_row(one, args.work / f"{kind}{attempt}", env=env)
