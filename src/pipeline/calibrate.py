@@ -61,6 +61,7 @@ INT8_GAIN = 1.15
 X8 = "x8"  # suffix of an engine format with int8 activations for one row
 # the products of many rows are also timed at 128 rows (a prefill), where int8 tiles and GEMM may change places
 TILE_ROWS = (4, 8, 32, 128)
+TILE_AGREE = 2.0  # two tile limits this close (a factor) are one choice: the confirming measurement agrees
 
 
 @dataclass
@@ -135,20 +136,35 @@ class Calibration:
         return self.time("engine:gemm_bf16" if self.gemm_dtype() == "bf16" else "engine:gemm", rows)
 
     def many_ms(self, rows: int, fmt: str) -> float:
-        """A step of `rows` rows with every product past our kernel: GEMM, or for q4 the int8 tiles where faster."""
-        tiles = self.time("engine:tiles", rows) if fmt == "q4" and rows <= self.tile_rows(fmt) else math.inf
-        return min(self.gemm_ms(rows), tiles)
+        """A step of `rows` rows with every product past our kernel, in what runs there: for q4 the int8 tiles up
+        to `tile_rows`, GEMM above (and for other formats)."""
+        if fmt == "q4" and rows <= self.tile_rows(fmt):
+            return self.time("engine:tiles", rows)
+        return self.gemm_ms(rows)
 
     def tile_rows(self, fmt: str) -> int:
-        """The most rows up to which the int8 tiles (q4 only, activations in two int8 digits: 15 bits, closer to
-        fp32 than bf16's 8) measured no slower than GEMM at every row count timed; 0 where not measured."""
+        """The most rows the int8 tiles take past the kernel (q4 only; 0 where not measured, or where they lost
+        at the fewest rows timed).
+
+        The tiles read q4 weights as stored, with activations in two int8 digits (15 bits), closer to fp32 than
+        bf16 GEMM, which rounds weights and activations to 8 bits: against bf16 they keep the rows where they
+        measured up to GEMM_GAIN slower, and against fp32 GEMM (more exact than they are) only those where they
+        measured GEMM_GAIN faster. Between the last row count timed inside that bound and the first outside it,
+        the limit is where their time ratio crosses it, interpolated in log rows: a ratio near the bound moves
+        the limit a little, not from one count timed to the next (calibrations here measured tiles/bf16 0.97 and
+        1.10 at 128 rows, and cached limits of 128 and 32 rows, which changed the kernel of 33- to 128-row steps
+        between two installs on one machine)."""
         if fmt != "q4" or "engine:tiles" not in self.step_ms:
             return 0
-        rows = 0
+        bound = GEMM_GAIN if self.gemm_dtype() == "bf16" else 1.0 / GEMM_GAIN
+        rows, ratio = 0, 0.0
         for r in TILE_ROWS:
-            if self.time("engine:tiles", r) > self.gemm_ms(r):
+            now = self.time("engine:tiles", r) / self.gemm_ms(r)
+            if not now <= bound:  # NaN (not timed) counts as outside
+                if rows and math.isfinite(now):
+                    rows = int(rows * (r / rows) ** ((bound - ratio) / (now - ratio)))
                 break
-            rows = r
+            rows, ratio = r, now
         return rows
 
     def gemm_dtype(self) -> str:
@@ -204,6 +220,21 @@ class Calibration:
         engine = (self.engine_format(True), self.engine_format(False), gemm) if formats else ()
         other = self.transformers_dtype() if "transformers:fp32" in self.step_ms else ""
         return (*engine, *per_format, other)
+
+    def agrees(self, other: Calibration) -> bool:
+        """Whether `other` leads to the same choices, taking tile limits within a factor of TILE_AGREE of each other
+        as the same (the limit is interpolated: two measurements give nearby limits, not equal ones)."""
+        mine, theirs = self.choices(), other.choices()
+        if len(mine) != len(theirs):
+            return False
+        for a, b in zip(mine, theirs):
+            if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and a[:2] + a[3:] == b[:2] + b[3:]:
+                low, high = sorted((a[2], b[2]))
+                if (low == high == 0) or (low > 0 and high <= low * TILE_AGREE):
+                    continue
+            if a != b:
+                return False
+        return True
 
     def transformers_dtype(self) -> str:
         """fp32 or bf16 for transformers: bf16 only where it measured faster both for one row and for a batch."""
@@ -513,8 +544,9 @@ def _confirmed(config, backend: str, first: Calibration, first_pass: tuple[dict,
     changed an answer). The noise rule cannot see that; a second measurement in another order can."""
     passes = [first_pass, measure(config, backend=backend, reverse=True)]
     second = Calibration(passes[1][0], first.machine, 0.0, passes[1][1])
-    if second.choices() != first.choices():
-        log("calibration: a second measurement led to other choices; measuring a third time")
+    if not second.agrees(first):
+        changed = [f"{a} -> {b}" for a, b in zip(first.choices(), second.choices()) if a != b]
+        log(f"calibration: a second measurement led to other choices ({'; '.join(changed)}); measuring a third time")
         passes.append(measure(config, backend=backend))
     step_ms, spread = _least(passes)
     return Calibration(step_ms, first.machine, 0.0, spread)
