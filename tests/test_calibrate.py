@@ -272,7 +272,7 @@ def test_the_transformers_backend_follows_the_calibration(compose_cfg, monkeypat
 def test_a_calibration_is_confirmed_by_a_second_measurement_and_a_third_where_they_disagree(tmp_path, monkeypatch):
     """Repetitions can agree and all be slow for one candidate (seen here: q4's one-row step at 7.9 ms three times
     against 4-5 ms, which cached int8 activations). A second measurement in the opposite order is taken, a third
-    where the two lead to other choices, and each candidate keeps its least median."""
+    where the two lead to other choices, and each candidate keeps its median over them."""
     import pipeline.calibrate as calibrate_module
 
     def canned(q4_one: float, q4x8_one: float) -> tuple[dict, dict]:
@@ -288,16 +288,23 @@ def test_a_calibration_is_confirmed_by_a_second_measurement_and_a_third_where_th
 
         monkeypatch.setattr(calibrate_module, "measure", fake)
         monkeypatch.setattr(calibrate_module, "candidates", lambda backend=None: [f"{backend}:{len(passes)}"])
-        return calibrate(_tiny_config(), tmp_path / str(len(passes)), log=lambda _: None), orders
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))  # a cache of its own
+        return calibrate(_tiny_config(), folder, log=lambda _: None), orders
 
     # the first measurement slow for q4's one-row step: int8 activations would win there; the second disagrees
     cal, orders = run([canned(7.9, 5.0), canned(4.5, 5.0), canned(4.6, 5.1)])
     assert orders == [False, True, False]  # the second in the opposite order, a third since the choices differed
-    assert cal.time("engine:q4", 1) == 4.5 and not cal.int8_activations("q4") and cal.cached
+    assert cal.time("engine:q4", 1) == 4.6 and not cal.int8_activations("q4") and cal.cached
     assert Calibration(*canned(7.9, 5.0)[:1], "x", 0.0).int8_activations("q4")  # what the first alone chose
-    # two measurements that agree: no third
+    # two measurements that agree: no third, and their mean
     cal, orders = run([canned(4.5, 5.0), canned(4.7, 4.9)])
-    assert orders == [False, True] and cal.time("engine:q4x8", 1) == 4.9 and cal.time("engine:q4", 1) == 4.5
+    assert orders == [False, True] and cal.time("engine:q4x8", 1) == pytest.approx(4.95)
+    assert cal.time("engine:q4", 1) == pytest.approx(4.6)
+    # two of three without int8 activations, one with them (its int8 step lucky): each candidate's least would
+    # take them (3.7 * 1.15 < 4.4); the median of each does not (4.1 * 1.15 > 4.6)
+    cal, orders = run([canned(4.4, 4.1), canned(5.2, 3.7), canned(4.6, 4.2)])
+    assert orders == [False, True, False] and not cal.int8_activations("q4")
+    assert Calibration({"engine:q4": {"1": 4.4}, "engine:q4x8": {"1": 3.7}}, "x", 0.0).int8_activations("q4")
 
 
 def test_the_tile_limit_moves_little_with_a_ratio_near_its_bound_and_prefers_the_more_exact_product():

@@ -17,7 +17,7 @@ Repetitions are interleaved (each round times every candidate once, so a busy mo
 median is kept with the spread of its repetitions, and a calibration whose repetitions spread widely is
 measured again, and if still noisy used for this process only, never cached. A calibration that passes is
 measured once more in the opposite order (a third time where that leads to other choices), and each candidate
-keeps its least median: repetitions can agree and all be slow. The format is chosen by the
+keeps its median over them: repetitions can agree and all be slow. The format is chosen by the
 default stages' mix of one-row and 32-row steps. Results are cached per CPU, kind, thread count, torch
 version, model shape and kernel source in the model cache folder. `precision=auto` never picks what measured
 slower, and an explicit choice that measured slower than fp32 gets one warning naming the faster one.
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -499,17 +500,23 @@ def measure(config, reps: int = REPS, backend: str | None = None, reverse: bool 
         return _interleaved(tasks, reps, reverse)
 
 
-def _least(passes: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-    """Each candidate's least median over several measurements (a shared machine's noise only adds time), with
-    the widest spread any of them saw."""
-    step_ms: dict[str, dict[str, float]] = {}
+def _combined(passes: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Each candidate's median over several measurements (the mean of two), with the widest spread any of them saw.
+
+    Not the least of them: that took each candidate's luckiest pass, so a candidate that varies more wins more
+    often (one calibration here whose first two passes had not taken int8 activations cached them after its
+    third, at 1.21x and 0.99x the fp32 activations' time in others on that machine). Two
+    passes are combined only where they agree, and the mean of two keeps what both chose (each choice compares
+    sums of times); of three, the median drops the pass that was slow for one candidate."""
+    values: dict[str, dict[str, list[float]]] = {}
     spread: dict[str, dict[str, float]] = {}
     for medians, spreads in passes:
         for name, times in medians.items():
             for rows, value in times.items():
-                step_ms.setdefault(name, {})[rows] = min(value, step_ms.get(name, {}).get(rows, math.inf))
+                values.setdefault(name, {}).setdefault(rows, []).append(value)
                 wide = spreads.get(name, {}).get(rows, 1.0)
                 spread.setdefault(name, {})[rows] = max(wide, spread.get(name, {}).get(rows, 1.0))
+    step_ms = {name: {rows: statistics.median(v) for rows, v in times.items()} for name, times in values.items()}
     return step_ms, spread
 
 
@@ -537,7 +544,7 @@ def machine_key(shapes: Shapes, names: list[str]) -> str:
 
 def _confirmed(config, backend: str, first: Calibration, first_pass: tuple[dict, dict], log) -> Calibration:
     """The calibration from a second measurement in the opposite order beside the first, and a third where the
-    two lead to different choices: each candidate at its least median of all of them.
+    two lead to different choices: each candidate at its median of all of them (`_combined`).
 
     Three interleaved repetitions that agree can still all be slow for one candidate (one calibration here timed
     q4's one-row step at 7.9 ms, three times, against 4-5 ms in every other; it cached int8 activations, which
@@ -548,7 +555,7 @@ def _confirmed(config, backend: str, first: Calibration, first_pass: tuple[dict,
         changed = [f"{a} -> {b}" for a, b in zip(first.choices(), second.choices()) if a != b]
         log(f"calibration: a second measurement led to other choices ({'; '.join(changed)}); measuring a third time")
         passes.append(measure(config, backend=backend))
-    step_ms, spread = _least(passes)
+    step_ms, spread = _combined(passes)
     return Calibration(step_ms, first.machine, 0.0, spread)
 
 
