@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -389,3 +392,41 @@ def test_int8_tiles_refuse_what_they_cannot_hold(built):
     tiles = kernels.q4_tiles(*random_q4(32, 64, torch.Generator().manual_seed(4)))
     with pytest.raises(RuntimeError, match=r"q4_tiles\) for K = 96"):
         built.q4_gemm_i8(torch.randn(2, 96), tiles, True)
+
+
+def test_a_later_process_loads_the_build_without_cpp_extension_and_only_the_very_file_it_remembers(tmp_path):
+    """Importing torch.utils.cpp_extension (setuptools with it) took 60-140 ms of every warm start, to find that
+    the build was up to date. A process that loaded a build remembers its file; the next loads that file
+    directly, and one whose file changed (a rebuild), or that is asked to rebuild, goes through cpp_extension."""
+    import json
+    import subprocess
+    import sys
+
+    if not kernels.available():
+        pytest.skip(f"no kernel build on this machine: {kernels.unavailable_reason()}")
+    probe = (
+        "import sys, json\nfrom pipeline import kernels\nok = kernels.available()\n"
+        "print(json.dumps([ok, kernels.describe(), 'torch.utils.cpp_extension' in sys.modules]))"
+    )
+
+    def run(**env):
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PIPELINE_CACHE_DIR": str(tmp_path), **env})  # fmt: skip
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first[0] and first[2]  # nothing remembered in a new cache: cpp_extension checks the build
+    (record,) = tmp_path.glob("kernels/*.built.json")
+    assert run() == [True, first[1], False]  # loaded directly, the same build
+    assert run(**{kernels.REBUILD_ENV: "1"})[2]  # asked to rebuild: cpp_extension decides
+    library = Path(json.loads(record.read_text())["library"])
+    stat = library.stat()
+    os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # another file now (as a rebuild makes)
+    try:
+        assert run() == [True, first[1], True]  # not the file remembered: through cpp_extension, remembered anew
+        assert run()[2] is False
+    finally:
+        os.utime(library, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    other = json.loads(record.read_text())
+    record.write_text(json.dumps({**other, "key": {**other["key"], "source": "another source"}}))
+    assert run()[2]  # a record of another source (or flags, torch, folder) is not this build's

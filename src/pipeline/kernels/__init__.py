@@ -9,7 +9,8 @@ Formats:
 `q4_linear` / `q8_linear` compute x @ dequant(W).T for fp32 x of shape [..., K]. The kernel source
 (qlinear.cpp) is compiled once per instruction set the CPU kind calls for (pipeline.cpu: avx2, or avx512
 with what its CPU adds), with torch.utils.cpp_extension (10 to 60 s; then cached under
-$TORCH_EXTENSIONS_DIR, and a later process loads it in ~0.2 s), registered as torch.ops.pipeline_<isa>.*
+$TORCH_EXTENSIONS_DIR; a later process loads the library file a process before it loaded, if unchanged,
+without importing cpp_extension), registered as torch.ops.pipeline_<isa>.*
 with fake implementations so that torch.compile traces through them, and checked against the portable
 reference before it is used. A build that fails or computes wrong is remembered per source and flags
 (not retried by every process) and said once: `available()`, `unavailable_reason()`, `describe()`. Without
@@ -20,8 +21,10 @@ then dequantizes q4/q8 weights once at load instead. The kernel splits N over to
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,18 +91,20 @@ def _load(isa: str | None) -> _State:
         return state
     name = _extension_name(isa)
     try:
-        from torch.utils import cpp_extension
+        if not _load_built(isa):
+            from torch.utils import cpp_extension
 
-        cpp_extension.load(
-            name=name,
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", *ISA_FLAGS[isa], "-fopenmp", "-DNDEBUG", f"-DPIPELINE_NS=pipeline_{isa}"],
-            # the process already holds torch's libgomp.so.1, so this links to the same OpenMP runtime
-            # and follows torch.set_num_threads
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,  # the .so registers torch ops; no Python bindings to compile
-            verbose=False,
-        )
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=_cflags(isa),
+                # the process already holds torch's libgomp.so.1, so this links to the same OpenMP runtime
+                # and follows torch.set_num_threads
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,  # the .so registers torch ops; no Python bindings to compile
+                verbose=False,
+            )
+            _remember_built(isa, Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so")
         _register_fakes(isa)
         error = _self_test(isa)
     except Exception as failure:  # no compiler, no ninja, a failed build: all mean "use the portable path"
@@ -117,6 +122,55 @@ def _load(isa: str | None) -> _State:
         return state
     state.loaded = True
     return state
+
+
+def _cflags(isa: str) -> list[str]:
+    return ["-O3", *ISA_FLAGS[isa], "-fopenmp", "-DNDEBUG", f"-DPIPELINE_NS=pipeline_{isa}"]
+
+
+def _built_record(isa: str) -> tuple[Path, dict]:
+    """Where the build last loaded for `isa` is remembered, and what it must still match to be loaded directly:
+    this source, its flags, torch's version and the extensions folder asked for."""
+    from pipeline.models import default_cache_dir
+
+    key = {"source": SOURCE_DIGEST, "flags": _cflags(isa), "torch": torch.__version__,
+           "extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR", ""), "python": sys.version}  # fmt: skip
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return default_cache_dir() / "kernels" / f"{_extension_name(isa)}-{digest}.built.json", key
+
+
+def _load_built(isa: str) -> bool:
+    """Loads the build a process before this one made or checked, without torch.utils.cpp_extension (its import
+    alone took 60-140 ms of every warm start: it imports setuptools), where the library file is the very one it
+    loaded (path, size and modification time). False (nothing loaded): build or check it as before."""
+    if os.environ.get(REBUILD_ENV, "") not in ("", "0"):
+        return False
+    record, key = _built_record(isa)
+    try:
+        built = json.loads(record.read_text())
+        library = Path(built["library"])
+        stat = library.stat()
+        if built["key"] != key or [stat.st_size, stat.st_mtime_ns] != built["stat"]:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except (OSError, RuntimeError):
+        return False  # cpp_extension builds or loads it again, and says what is wrong if anything is
+    return hasattr(torch.ops, f"pipeline_{isa}")
+
+
+def _remember_built(isa: str, library: Path) -> None:
+    from pipeline import cache
+
+    record, key = _built_record(isa)
+    try:
+        stat = library.stat()
+    except OSError:
+        return  # not where cpp_extension builds it: the next process asks cpp_extension again
+    built = {"key": key, "library": str(library), "stat": [stat.st_size, stat.st_mtime_ns]}
+    cache.write_text(record, json.dumps(built))
 
 
 # a build that failed for one of these reasons says nothing about the source and is not remembered
