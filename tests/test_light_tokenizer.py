@@ -14,6 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import light_tokenizer
+from pipeline import tokens as token_module
 from pipeline.data import load_items
 from pipeline.light_tokenizer import LightTokenizer
 from pipeline.prompts import build_prompt
@@ -76,7 +77,7 @@ def test_sizes_special_tokens_and_every_token_string_equal_transformers(pair):
     assert light.convert_ids_to_tokens(5) == hf.convert_ids_to_tokens(5)
     tokens = hf.convert_ids_to_tokens(ids[::97]) + ["no-such-token-here"]
     assert light.convert_tokens_to_ids(tokens) == hf.convert_tokens_to_ids(tokens)
-    assert token_texts(light) == token_texts(hf)  # what the stop rules and the constraint read
+    assert token_module._decoded(light) == token_module._decoded(hf)  # what the stop rules and the constraint read
 
 
 @pytest.mark.parametrize("special", [False, True])
@@ -233,3 +234,31 @@ def test_the_default_run_is_ready_without_importing_transformers(tmp_path):
     assert seen[1][:2] == ["LightTokenizer", False], seen
     # the bf16 GEMM's copies: made by a process that found none, read by the next (none where no bf16 GEMM runs)
     assert seen[1][2] in ("cached", "none") and (seen[1][2] == "none") == (seen[0][2] == "none"), seen
+
+
+def test_token_texts_are_kept_for_the_next_process_and_follow_the_tokenizer_files(folder, tmp_path, monkeypatch):
+    """Decoding every token took 70 ms of each start (the stop rules); a tokenizer read from a folder has them
+    kept in the project's cache, named by its files: read back equal, decoded again when a file changes or the
+    kept file is damaged, and never written into the tokenizer's own folder."""
+    import json
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    first = LightTokenizer(folder)
+    texts = token_texts(first)
+    assert texts == token_module._decoded(first) and len(texts) == 49152
+    (kept,) = (tmp_path / "cache" / "texts").glob("*.json")
+    assert json.loads(kept.read_text()) == texts and not (folder / "texts").exists()
+    decoded: list[object] = []
+    real = token_module._decoded
+    monkeypatch.setattr(token_module, "_decoded", lambda t: decoded.append(t) or real(t))
+    again = LightTokenizer(folder)  # a new tokenizer object, as in the next process
+    assert token_texts(again) == texts and decoded == []
+    kept.write_text("[1, 2")  # damaged: decoded again, and kept anew
+    assert token_texts(LightTokenizer(folder)) == texts and len(decoded) == 1
+    assert json.loads(kept.read_text()) == texts
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 4096}))
+    token_texts(LightTokenizer(changed))  # another file: another name, decoded for it
+    assert len(decoded) == 2 and len(list((tmp_path / "cache" / "texts").glob("*.json"))) == 2
