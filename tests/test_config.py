@@ -221,6 +221,14 @@ def test_a_passed_override_check_is_remembered_until_conf_or_the_overrides_chang
         "batched: true", "batched: maybe"))  # fmt: skip
     assert "not a valid bool" in run.check_overrides(["stages.batched=false"], conf)  # checked again, and caught
     assert len(composed) == 4
+    # an output folder of its own per run (the bench, scripts): one check serves every plain path
+    shutil.copy(CONF / "stages" / "default.yaml", conf / "stages" / "default.yaml")
+    assert run.check_overrides(["stages.single=false", "hydra.run.dir=/tmp/a/round0"], conf) is None
+    assert run.check_overrides(["stages.single=false", "hydra.run.dir=outputs/b-1.x"], conf) is None
+    assert len(composed) == 5
+    assert run.check_overrides(["stages.single=false", "hydra.run.dir=${oops"], conf) is not None  # not a plain path
+    assert run.check_overrides(["stages.single=true", "hydra.run.dir=/tmp/a"], conf) is None  # other overrides
+    assert len(composed) == 7
     GlobalHydra.instance().clear()
 
 
