@@ -134,12 +134,14 @@ def test_a_failing_row_is_its_error_line(tmp_path):
 def test_the_report_states_the_kind_the_missing_rows_and_each_verdict():
     rows = {"default": [_sample(2.0, 1.0), _sample(2.2, 1.1)], "default-free": [_sample(2.0, 1.0)]}
     report = Report("python -m pipeline.bench", "2026-12-01 10:00", "abc123", {**MACHINE, "choices": "q4"}, rows,
-                    {"llamacpp": "llama_cpp is not installed"}, {}, {}, {"warm": [1.2], "cold": []})  # fmt: skip
+                    {"llamacpp": "llama_cpp is not installed"}, {}, {},
+                    {"warm": [1.2], "warm_first_stage": [1.74], "cold": []})  # fmt: skip
     report.targets = all_targets(rows, {}, report.ready, MACHINE, report.missing)
     text = render(report)
     assert "**CPU kind: avx2**" in text and "llamacpp: llama_cpp is not installed" in text
     assert "| default | constrained | 2.10 [2.00-2.20] |" in text
     assert "**not measured**" in text and "**inconclusive**" in text
+    assert "reached their first stage" in text and "at 1.74 s" in text  # beside the ready time, not instead of it
 
 
 def test_the_machine_measurements_are_plausible():

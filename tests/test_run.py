@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,9 @@ def _runs(db: Path, experiment: str = "unit-conversion"):
 
 
 def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
+    start = time.perf_counter()
     result = run_app([*TINY, "precision=fp32", "attention=eager"], tmp_path)
+    wall_s = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-2000:]
     assert "single" in result.stdout and "batched" in result.stdout and "in_budget" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in result.stdout
@@ -55,6 +58,9 @@ def test_tiny_run_logs_params_metrics_tags_and_artifacts(tmp_path):
         <= run["metrics.single/latency_max_s"]
     )
     assert run["metrics.load_time_s"] > 0 and run["metrics.warmup_time_s"] > 0
+    # from the process's start: to a warmed backend, then to the first stage (the solver and grammar loaded too),
+    # both within the child's own life as this test timed it
+    assert 0 < run["metrics.ready_s"] < run["metrics.first_stage_s"] < wall_s
 
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}

@@ -233,6 +233,7 @@ def run_pipeline(cfg: Config, output_dir: Path, log: Callable[[str], None] = pri
             start = time.perf_counter()
             constraint_for(items[0].question)
             result.warmup_time_s += time.perf_counter() - start
+        result.first_stage_s = memory.seconds_since_start()
         overhead_s = result.load_time_s + result.prefix_time_s + result.warmup_time_s
         try:
             if cfg.stages.single:

@@ -199,7 +199,9 @@ def render(report: Report) -> str:
         f"warm (caches filled) {_list(ready.get('warm'))} s; the first process after install (a fresh model cache "
         f"prepared by `python -m pipeline.prepare`, as `make venv` runs it) {_list(ready.get('installed'))} s; cold "
         f"(an empty model cache, the kernel built: the first run packs, calibrates and extracts the tokenizer) "
-        f"{_list(ready.get('cold'))} s.",
+        f"{_list(ready.get('cold'))} s. The warm processes reached their first stage (the answers' solver and the "
+        f"constraint's grammar loaded too: what a timer around the whole run counts) at "
+        f"{_list(ready.get('warm_first_stage'))} s.",
         "",
         "## Targets",
         "",
