@@ -123,7 +123,13 @@ def registry() -> pint.UnitRegistry:
     # pint warns on every ambiguous word it parses ("mins": minutes or milli-inches); the lexicon's rules
     # below decide those, so its warnings would only fill the run log
     logging.getLogger("pint").setLevel(logging.ERROR)
-    ureg = pint.UnitRegistry()
+    from pipeline.config import default_cache_dir
+
+    # pint's own cache of its parsed definition files (flexcache, keyed by their contents): 0.23 s to 0.03 s here
+    try:
+        ureg = pint.UnitRegistry(cache_folder=default_cache_dir() / "pint")
+    except OSError:  # a cache that cannot be written: parsed as before
+        ureg = pint.UnitRegistry()
     ureg.define("dataset_year = 365.242199 * day")
     ureg.define("dataset_month = dataset_year / 12")
     ureg.define("dataset_decade = 10 * dataset_year")
