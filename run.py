@@ -53,7 +53,6 @@ def _terminate_as_interrupt(signum, frame):
 
 def run(cfg: DictConfig) -> int:
     """Run one configured job; returns the exit status (0, or 3 when results could not be logged)."""
-    from pipeline.runner import run_pipeline
     from pipeline.summary import format_summary
 
     config: Config = OmegaConf.to_object(cfg)  # runs each dataclass's checks
@@ -64,10 +63,12 @@ def run(cfg: DictConfig) -> int:
     config_dict["generation"] = dataclasses.asdict(config.generation)  # as used: the prompt's requests filled in
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM ends the run like Ctrl-C: results kept
 
-    tracking = None
+    agent = None
     tracking_error: Exception | None = None
+    run_id: str | None = None
     if config.tracking.enabled:
         from pipeline import tracking
+        from pipeline.tracking_agent import TrackingAgent
 
         uri = config.tracking.uri or tracking.default_uri(launch_dir)
         parent, swept = None, []
@@ -76,24 +77,38 @@ def run(cfg: DictConfig) -> int:
 
             parent, swept = sweep_info(hydra_cfg.sweep.dir, uri)
         name = config.tracking.run_name or run_name(swept)
+        # noted first, so that pipeline.sync finds the store whatever becomes of the agent; the agent's run
+        # id replaces the note. The agent opens the run while torch imports and the model loads.
+        tracking.note_intended_tracking(output_dir, uri, config.tracking.experiment, name)
+        agent = TrackingAgent.start(uri, config.tracking.experiment, name, config_dict, output_dir, parent)
+    from pipeline.runner import run_pipeline  # after the agent's start: torch's import overlaps MLflow's
+
+    def opened() -> None:
+        """Wait for the agent's run; called before the first stage, so that no stage is timed beside MLflow."""
+        nonlocal run_id, tracking_error
+        if agent is None or run_id is not None or tracking_error is not None:
+            return
         try:
-            run_id = tracking.start_run(uri, config.tracking.experiment, name, config_dict, output_dir, parent)
+            run_id = agent.run_id()
         except Exception as err:  # the run goes on; its results stay in the folder for pipeline.sync
-            tracking_error, run_id = err, None
-            tracking.note_intended_tracking(output_dir, uri, config.tracking.experiment, name)
+            tracking_error = err
             log.warning(f"MLflow is unavailable ({_first_line(err)}); running on, results go to {output_dir}")
+            return
+        if agent.wait_s >= 0.05:
+            log.info(f"waited {agent.wait_s:.1f} s for MLflow to open the run")
 
     def close_run(status: str | None = None, error: str | None = None) -> Exception | None:
-        if tracking is None or run_id is None:
+        opened()
+        if run_id is None:
             return None
         try:
-            tracking.finish_run(uri, run_id, output_dir, config_dict, status, error)
+            agent.finish(status, error)
         except Exception as err:
             return err
         return None
 
     try:
-        result = run_pipeline(config, output_dir, log=log.info)
+        result = run_pipeline(config, output_dir, log=log.info, before_stages=opened)
     except KeyboardInterrupt:
         close_run("KILLED")
         print(f"interrupted: the stages done so far are saved in {output_dir}", file=sys.stderr)
@@ -106,7 +121,7 @@ def run(cfg: DictConfig) -> int:
     print(format_summary(result), flush=True)
     print(f"results saved in {output_dir}")
 
-    if tracking is not None:
+    if agent is not None:
         tracking_error = tracking_error or close_run()
         if tracking_error is None:
             print(f"logged to MLflow run {run_id} in experiment '{config.tracking.experiment}'")

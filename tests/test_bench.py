@@ -142,6 +142,14 @@ def test_the_report_states_the_kind_the_missing_rows_and_each_verdict():
     assert "| default | constrained | 2.10 [2.00-2.20] |" in text
     assert "**not measured**" in text and "**inconclusive**" in text
     assert "reached their first stage" in text and "at 1.74 s" in text  # beside the ready time, not instead of it
+    assert "What MLflow costs" not in text  # not measured: not shown
+
+    report.ready.update({"untracked": [1.2, 1.3], "untracked_first_stage": [1.5, 1.6], "untracked_process": [3.0, 3.1],
+                         "tracked_new": [1.4], "tracked_new_first_stage": [4.5], "tracked_new_process": [9.0]})
+    text = render(report)
+    assert "- without MLflow (`tracking.enabled=false`): 1.20, 1.30 / 1.50, 1.60 / 3.00, 3.10" in text
+    assert "- with MLflow into a new SQLite store (its tables made): 1.40 / 4.50 / 9.00" in text
+    assert "- with MLflow into that store again: - / - / -" in text
 
 
 def test_the_machine_measurements_are_plausible():

@@ -315,6 +315,37 @@ def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed
     assert len(runs) == 1 and runs.iloc[0]["status"] == "KILLED"
 
 
+@pytest.mark.slow
+def test_a_run_process_killed_outright_leaves_a_killed_mlflow_run_not_a_running_one(tmp_path):
+    """SIGKILL gives the run's process no chance to close its MLflow run; its tracking agent, left without an
+    order, closes it as KILLED from what the folder holds (in-process tracking left it RUNNING for good)."""
+    from pipeline.tracking_agent import ENDED_WITHOUT_ORDER
+
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=480",
+        "stages.micro_batch_size=1", "stages.grader_loss=false", "stages.fidelity=false", "stages.null_model=false",
+        "runtime.warmup=false", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results = run_dir / "results.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if results.is_file() and "single" in json.loads(results.read_text())["stages"]:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.kill()
+    process.wait(30)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 120
+    while time.time() < deadline and _runs(db).iloc[0]["status"] == "RUNNING":
+        time.sleep(0.5)
+    run = _runs(db).iloc[0]
+    assert run["status"] == "KILLED" and run["tags.error"] == ENDED_WITHOUT_ORDER
+    assert run["metrics.single/num_questions"] == 480  # the folder's finished stage, logged by the agent
+
+
 def test_trust_remote_code_only_when_asked(saved_tiny, tmp_path):
     """A model folder that ships its own Python runs none of it unless model.trust_remote_code=true."""
     folder, ran = tmp_path / "custom", tmp_path / "ran.txt"

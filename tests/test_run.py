@@ -134,3 +134,33 @@ def test_default_config_runs_the_embedded_model(tmp_path):
 
 def runs_columns(run) -> list[str]:
     return [c for c in run.index if isinstance(run[c], float) and not math.isnan(run[c])]
+
+
+def test_the_run_process_leaves_mlflow_to_its_agent_and_waits_for_it_only_before_the_stages(tmp_path):
+    """MLflow's import and store (2-6 s on a default run) are the agent's, beside the model's load: the run's own
+    process never imports mlflow, and the run is logged in full all the same."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    seen = tmp_path / "imported.json"
+    code = (
+        "import atexit, json, runpy, sys\n"
+        f"atexit.register(lambda: open({str(seen)!r}, 'w').write(json.dumps(sorted(m for m in sys.modules "
+        "if m == 'mlflow' or m.startswith('mlflow.')))))\n"
+        f"sys.argv = [{str(ROOT / 'run.py')!r}, *{[*TINY, 'runtime.warmup=false']!r}]\n"
+        f"runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(seen.read_text()) == []  # the old in-process start imported mlflow here
+    assert "logged to MLflow run" in result.stdout
+
+    runs = _runs(tmp_path / "mlflow.db")
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run = runs.iloc[0]
+    assert run["metrics.single/num_questions"] == 4 and run["params.model.source"] == "tiny"
+    assert run["metrics.system/process_rss_mb"] > 0  # whose: test_tracking's pid test
+    (noted,) = (tmp_path / "outputs").rglob("tracking.json")
+    assert json.loads(noted.read_text())["run_id"] == run["run_id"]

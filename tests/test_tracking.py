@@ -194,3 +194,31 @@ def test_existing_experiments_get_the_kind_the_first_time_and_a_chosen_kind_stay
     assert client.get_experiment(plain).tags[KIND_TAG] == KIND
     tags = client.get_experiment(chosen).tags
     assert tags[KIND_TAG] == "genai_development" and VIEW_TAG_PREFIX + RUNS_VIEW_ID in tags
+
+
+def test_process_metrics_sample_the_process_they_are_given(tmp_path, monkeypatch):
+    """The tracking agent samples the run's process, not itself: a small process's memory is not this one's."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.results import save_results
+    from pipeline.tracking import default_uri, finish_run, start_run
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    small = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        folder, uri, config = tmp_path / "run", default_uri(tmp_path), {"dataset": {"num_questions": 1}}
+        save_results(_result(), folder)
+        mine = start_run(uri, "pids", "this process", config, folder)
+        theirs = start_run(uri, "pids", "a small process", config, folder, pid=small.pid)
+        time.sleep(1.0)
+        finish_run(uri, mine, folder, config)
+        finish_run(uri, theirs, folder, config)
+    finally:
+        small.kill()
+    client = MlflowClient(tracking_uri=uri)
+    this_mb = client.get_run(mine).data.metrics["system/process_rss_mb"]
+    small_mb = client.get_run(theirs).data.metrics["system/process_rss_mb"]
+    assert small_mb < 40 < this_mb, (small_mb, this_mb)  # a bare interpreter against one with torch and MLflow

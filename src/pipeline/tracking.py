@@ -341,15 +341,16 @@ def system_metrics_wanted(config: dict | None = None) -> bool:
     return bool(setting) and env not in ("false", "0", "no", "off")
 
 
-def start_system_metrics(uri: str, run_id: str, interval_s: float | None = None) -> bool:
-    """Sample CPU, memory, disk, network (a GPU's where there is one) and this process's memory into the run.
+def start_system_metrics(uri: str, run_id: str, interval_s: float | None = None, pid: int | None = None) -> bool:
+    """Sample CPU, memory, disk, network (a GPU's where there is one) and the run's process's memory into the run.
 
     MLflow's own sampler, as `mlflow.start_run(log_system_metrics=True)` starts it: the run page's "System
-    metrics" tab charts `system/...`. Returns False (with one warning) where it cannot run, e.g. without psutil.
+    metrics" tab charts `system/...`. `pid` is the process that runs the stages (default: this one; the
+    tracking agent samples its parent). Returns False (with one warning) where it cannot run, e.g. without psutil.
     """
     try:
-        monitor = _system_monitor_class()(run_id, sampling_interval=interval_s or SYSTEM_METRICS_INTERVAL_S,
-                                          tracking_uri=uri)  # fmt: skip
+        monitor = _system_monitor_class(pid)(run_id, sampling_interval=interval_s or SYSTEM_METRICS_INTERVAL_S,
+                                             tracking_uri=uri)  # fmt: skip
         monitor.start()
     except ImportError as err:
         log.warning(f"no system metrics for MLflow run {run_id} ({err}); pip install psutil")
@@ -370,20 +371,21 @@ def stop_system_metrics(run_id: str) -> None:
         monitor.finish()
 
 
-def _system_monitor_class():
-    """MLflow's SystemMetricsMonitor with this process's memory and CPU, and a bounded, lossless stop."""
+def _system_monitor_class(pid: int | None = None):
+    """MLflow's SystemMetricsMonitor with process `pid`'s (default: this one's) memory and CPU, and a bounded,
+    lossless stop."""
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines are noise here
     import psutil
     from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     class ProcessMonitor(BaseMetricsMonitor):
-        """This process's resident memory (MiB like `<stage>/peak_rss_mb`; the peak of a point's samples) and CPU
-        use (% of one core: above 100 with several threads)."""
+        """The run's process's resident memory (MiB like `<stage>/peak_rss_mb`; the peak of a point's samples) and
+        CPU use (% of one core: above 100 with several threads)."""
 
         def __init__(self):
             super().__init__()
-            self._me = psutil.Process()
+            self._me = psutil.Process(pid)
             self._me.cpu_percent()  # the first call only starts psutil's interval
 
         def collect_metrics(self):
@@ -426,12 +428,18 @@ def _system_monitor_class():
 
 
 def start_run(
-    uri: str, experiment: str, run_name: str, config: dict, output_dir: Path, parent_run_id: str | None = None
+    uri: str,
+    experiment: str,
+    run_name: str,
+    config: dict,
+    output_dir: Path,
+    parent_run_id: str | None = None,
+    pid: int | None = None,
 ) -> str:
     """Open a RUNNING run with the flattened config as params; returns its id and notes it in the run folder.
 
     With `parent_run_id` the run is nested under a sweep's parent run. System metrics are sampled from here
-    until `finish_run` (see `start_system_metrics`).
+    until `finish_run` (see `start_system_metrics`), with process `pid`'s (default: this one's) memory and CPU.
     """
     _write_dataset_file(output_dir, config)  # first: the folder keeps it even when the store is down
     client = client_for(uri)
@@ -443,7 +451,8 @@ def start_run(
     _log_params(client, run.info.run_id, config)
     _write_tracking_file(output_dir, uri, experiment, run_name, run.info.run_id, experiment_id)
     if system_metrics_wanted(config):
-        start_system_metrics(uri, run.info.run_id, (config.get("tracking") or {}).get("system_metrics_interval_s"))
+        interval_s = (config.get("tracking") or {}).get("system_metrics_interval_s")
+        start_system_metrics(uri, run.info.run_id, interval_s, pid)
     return run.info.run_id
 
 

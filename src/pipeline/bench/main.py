@@ -21,12 +21,18 @@ from pipeline.bench import machine as measure
 from pipeline.bench.judge import all_targets
 from pipeline.bench.report import Report, render
 from pipeline.bench.rows import ACCURACY_QUESTIONS, ROWS, SETS, STRATEGIES
-from pipeline.bench.run import RowFailed, Sample, run_row
+from pipeline.bench.run import COMMON, RowFailed, Sample, run_row
 from pipeline.environment import PROJECT_ROOT, cpu_model, git_commit
 from pipeline.errors import PipelineError
 
 DEFAULT_OUT = PROJECT_ROOT / "docs" / "BENCHMARKS.md"
 DEFAULT_WORK = PROJECT_ROOT / "outputs" / "bench"
+# the one-question warm runs that measure what MLflow costs a run: (kind, what goes after the overrides)
+TRACKING_KINDS = (
+    ("untracked", COMMON),
+    ("tracked_new", ("tracking.enabled=true", "tracking.uri={uri}", "stages.grader_loss=false")),
+    ("tracked", ("tracking.enabled=true", "tracking.uri={uri}", "stages.grader_loss=false")),
+)
 
 
 def plan(only: list[str] | None) -> list[str]:
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 say(f"accuracy {strategy.name} on {set_name}: {correct}/{n}, null {null:.3f}")
 
-    ready = {
+    ready: dict[str, list[float]] = {
         "warm": [s.results.get("ready_s", math.nan) for s in rows.get("default", [])],
         # the same processes to their first stage: the solver and the constraint's grammar loaded too
         "warm_first_stage": [s.results.get("first_stage_s", math.nan) for s in rows.get("default", [])],
@@ -188,6 +194,26 @@ def main(argv: list[str] | None = None) -> None:
                     missing[f"{kind} ready"] = str(failure)
                 finally:
                     shutil.rmtree(cache, ignore_errors=True)
+            # MLflow's cost: warm one-question runs without it, into a new SQLite store (its tables made) and into
+            # that store again, interleaved; ready, first stage and the whole process (the run closed) of each
+            store = Path(tempfile.mkdtemp(prefix="pipeline-mlflow-"))
+            try:
+                for kind, common in TRACKING_KINDS:
+                    uri = f"sqlite:///{store / 'mlflow.db'}"
+                    overrides = [o.replace("{uri}", uri) for o in common]
+                    try:
+                        sample = run_row(one, args.work / f"{kind}{attempt}", common=tuple(overrides))
+                    except RowFailed as failure:
+                        missing[f"{kind} ready"] = str(failure)
+                        continue
+                    for key, value in (("", sample.results.get("ready_s", math.nan)),
+                                       ("_first_stage", sample.results.get("first_stage_s", math.nan)),
+                                       ("_process", sample.process_s)):  # fmt: skip
+                        ready.setdefault(kind + key, []).append(value)
+                    say(f"{kind}: ready {ready[kind][-1]:.2f} s, first stage {ready[kind + '_first_stage'][-1]:.2f} s, "
+                        f"process {sample.process_s:.2f} s")  # fmt: skip
+            finally:
+                shutil.rmtree(store, ignore_errors=True)
 
     facts["busy_after"] = measure.cpu_busy_share()
     facts["choices"] = _choices(rows["default"][0]) if rows.get("default") else "-"

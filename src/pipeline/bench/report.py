@@ -156,6 +156,21 @@ def roofline_section(report: Report) -> list[str]:
     return lines + [""]
 
 
+def tracking_cost(ready: dict[str, list[float]]) -> list[str]:
+    """What MLflow costs a warm run: one-question runs without it and with it, into a new store and the same again."""
+    if not any(ready.get(kind) for kind in ("untracked", "tracked_new", "tracked")):
+        return []
+    what = {"untracked": "without MLflow (`tracking.enabled=false`)",
+            "tracked_new": "with MLflow into a new SQLite store (its tables made)",
+            "tracked": "with MLflow into that store again"}  # fmt: skip
+    lines = ["What MLflow costs a warm one-question run, interleaved: ready / first stage / whole process (the "
+             "MLflow run closed), in seconds:", ""]  # fmt: skip
+    for kind, text in what.items():
+        lines.append(f"- {text}: {_list(ready.get(kind))} / {_list(ready.get(kind + '_first_stage'))} / "
+                     f"{_list(ready.get(kind + '_process'))}")  # fmt: skip
+    return [*lines, ""]
+
+
 def render(report: Report) -> str:
     m = report.machine
     busy = m.get("busy_before", math.nan), m.get("busy_after", math.nan)
@@ -203,6 +218,7 @@ def render(report: Report) -> str:
         f"constraint's grammar loaded too: what a timer around the whole run counts) at "
         f"{_list(ready.get('warm_first_stage'))} s.",
         "",
+        *tracking_cost(ready),
         "## Targets",
         "",
         table(

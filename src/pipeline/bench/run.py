@@ -47,10 +47,13 @@ def _reason(done: subprocess.CompletedProcess) -> str:
 
 
 def run_row(overrides: list[str], folder: Path, env: dict[str, str] | None = None,
-            timeout_s: float = PROCESS_TIMEOUT_S) -> Sample:  # fmt: skip
-    """run.py OVERRIDES in a fresh process (its own folder, `env` added to the environment); RowFailed says why not."""
+            timeout_s: float = PROCESS_TIMEOUT_S, common: tuple[str, ...] = COMMON) -> Sample:  # fmt: skip
+    """run.py OVERRIDES in a fresh process (its own folder, `env` added to the environment); RowFailed says why not.
+
+    `common` (default: MLflow and the course loss off) goes after the overrides.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(RUN_PY), *overrides, *COMMON, f"hydra.run.dir={folder}"]
+    command = [sys.executable, str(RUN_PY), *overrides, *common, f"hydra.run.dir={folder}"]
     start = time.perf_counter()
     try:
         done = subprocess.run(
