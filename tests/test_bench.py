@@ -199,3 +199,15 @@ def test_seconds_since_start_is_the_process_own_age_as_its_parent_times_it(delay
     assert done.returncode == 0, done.stderr[-800:]
     said = float(done.stdout.strip())
     assert delay_s <= said <= lived + 0.02  # a clock tick (10 ms) of rounding, and a tick's slack
+
+
+def test_a_bench_on_another_kind_writes_beside_the_report_it_would_overwrite(tmp_path):
+    from pipeline.bench.main import default_out
+
+    first = tmp_path / "BENCHMARKS.md"
+    assert default_out("avx2", first) == first  # nothing there yet
+    first.write_text("Made by `python -m pipeline.bench` ... **CPU kind: avx512_bf16** (AMD EPYC), 2 threads\n")
+    assert default_out("avx512_bf16", first) == first  # the same kind: rewritten
+    assert default_out("avx2", first) == tmp_path / "BENCHMARKS_avx2.md"
+    forced = "avx512_bf16 (forced; the CPU is amx)"
+    assert default_out(forced, first) == tmp_path / "BENCHMARKS_avx512_bf16_forced_the_CPU_is_amx.md"

@@ -8,6 +8,7 @@ import datetime
 import importlib.util
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,19 @@ TRACKING_KINDS = (
     ("tracked_new", ("tracking.enabled=true", "tracking.uri={uri}", "stages.grader_loss=false")),
     ("tracked", ("tracking.enabled=true", "tracking.uri={uri}", "stages.grader_loss=false")),
 )
+
+
+def default_out(kind: str, first: Path = DEFAULT_OUT) -> Path:
+    """`first`, unless it holds another CPU kind's report: then BENCHMARKS_<kind>.md beside it, so that a bench on
+    one kind never overwrites another's figures (which could then be read as this kind's). `kind` is as
+    `cpu.current().describe()` gives it, e.g. 'avx2' or 'avx2 (forced; the CPU is avx512_bf16)'."""
+    if not first.is_file():
+        return first
+    stated = re.search(r"\*\*CPU kind: ([^*]+)\*\*", first.read_text(errors="replace"))
+    if stated is None or stated.group(1).strip() == kind:
+        return first
+    name = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_")
+    return first.with_name(f"{first.stem}_{name}{first.suffix}")
 
 
 def plan(only: list[str] | None) -> list[str]:
@@ -64,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 4 questions, 8 accuracy questions")
     parser.add_argument("--skip-accuracy", action="store_true", help="no 256-question accuracy runs")
     parser.add_argument("--skip-ready", action="store_true", help="no cold ready-time run")
-    parser.add_argument("--out", type=Path, help=f"default {DEFAULT_OUT} ({DEFAULT_WORK}/BENCHMARKS_quick.md quick)")
+    parser.add_argument("--out", type=Path, help=f"default {DEFAULT_OUT}, or docs/BENCHMARKS_<kind>.md where that file "
+                        f"states another CPU kind ({DEFAULT_WORK}/BENCHMARKS_quick.md quick)")  # fmt: skip
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the rows' run folders go")
     args = parser.parse_args(argv)
     for key, full, quick in (("reps", 3, 1), ("questions", 32, 4), ("accuracy_questions", ACCURACY_QUESTIONS, 8)):
@@ -76,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
         names = plan(args.only)
     except PipelineError as error:
         parser.error(str(error))
-    out = args.out or (args.work / "BENCHMARKS_quick.md" if args.quick else DEFAULT_OUT)
+    from pipeline import cpu
+
+    out = args.out or (args.work / "BENCHMARKS_quick.md" if args.quick else default_out(cpu.current().describe()))
     model = [f"model={args.model}"] if args.model else []
     began = time.perf_counter()
 
