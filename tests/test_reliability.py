@@ -276,22 +276,29 @@ def test_unreachable_store_keeps_results_and_sync_logs_them_once(tmp_path, store
     assert len(table) == 4
 
 
-@pytest.mark.slow
-def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed(tmp_path):
+def _run_past_single_stage(tmp_path, stdout):
+    """Start a run whose batched stage takes seconds, and return (process, run folder, results.json) once its
+    single stage is saved (or the process ended, or 240 s passed: the callers check which)."""
     run_dir = tmp_path / "run"
-    # transformers, one prompt per batch: a batched stage of seconds (the engine does these 160 in under one)
+    # transformers, one prompt per batch: a batched stage of seconds
     command = [
         sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=480",
         "stages.micro_batch_size=1", "stages.grader_loss=false", "stages.fidelity=false", "stages.null_model=false",
         "runtime.warmup=false", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, text=True)
     results = run_dir / "results.json"
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         if results.is_file() and "single" in json.loads(results.read_text())["stages"]:
             break
         time.sleep(0.2)
+    return process, run_dir, results
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batched_stage_keeps_single_results_and_marks_the_run_killed(tmp_path):
+    process, run_dir, results = _run_past_single_stage(tmp_path, subprocess.PIPE)
     time.sleep(0.5)  # into the batched stage (480 one-prompt batches: seconds)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
@@ -321,19 +328,7 @@ def test_a_run_process_killed_outright_leaves_a_killed_mlflow_run_not_a_running_
     order, closes it as KILLED from what the folder holds (in-process tracking left it RUNNING for good)."""
     from pipeline.tracking_agent import ENDED_WITHOUT_ORDER
 
-    run_dir = tmp_path / "run"
-    command = [
-        sys.executable, str(ROOT / "run.py"), *TINY, "backend=transformers", "dataset.num_questions=480",
-        "stages.micro_batch_size=1", "stages.grader_loss=false", "stages.fidelity=false", "stages.null_model=false",
-        "runtime.warmup=false", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    results = run_dir / "results.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if results.is_file() and "single" in json.loads(results.read_text())["stages"]:
-            break
-        time.sleep(0.2)
+    process, _, _ = _run_past_single_stage(tmp_path, subprocess.DEVNULL)
     assert process.poll() is None, "the run ended before it could be killed"
     process.kill()
     process.wait(30)
