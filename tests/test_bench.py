@@ -144,8 +144,16 @@ def test_the_report_states_the_kind_the_missing_rows_and_each_verdict():
     assert "reached their first stage" in text and "at 1.74 s" in text  # beside the ready time, not instead of it
     assert "What MLflow costs" not in text  # not measured: not shown
 
-    report.ready.update({"untracked": [1.2, 1.3], "untracked_first_stage": [1.5, 1.6], "untracked_process": [3.0, 3.1],
-                         "tracked_new": [1.4], "tracked_new_first_stage": [4.5], "tracked_new_process": [9.0]})
+    report.ready.update(
+        {
+            "untracked": [1.2, 1.3],
+            "untracked_first_stage": [1.5, 1.6],
+            "untracked_process": [3.0, 3.1],
+            "tracked_new": [1.4],
+            "tracked_new_first_stage": [4.5],
+            "tracked_new_process": [9.0],
+        }
+    )
     text = render(report)
     assert "- without MLflow (`tracking.enabled=false`): 1.20, 1.30 / 1.50, 1.60 / 3.00, 3.10" in text
     assert "- with MLflow into a new SQLite store (its tables made): 1.40 / 4.50 / 9.00" in text

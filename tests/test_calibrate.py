@@ -350,11 +350,17 @@ def test_prepare_measures_again_a_calibration_a_busy_machine_kept_from_the_cache
         return 0.9 if len(seen) <= busy_measurements else 0.0
 
     monkeypatch.setattr(calibrate_module, "other_load", load)
+    # busy is what this test is about: the tiny model's times, tens of microseconds, spread 2-4x on some idle
+    # machines (an AMX Xeon here), and a wide spread also keeps a calibration from the cache
+    monkeypatch.setattr(calibrate_module, "NOISY", float("inf"))
     main(["model=tiny"])
     out = capsys.readouterr().out
     files = list(tmp_path.glob("**/calibration/*.json"))
     assert len(seen) == min(busy_measurements + 1, 3)
-    assert out.count("calibration: not cached (the machine was busy); measuring again") == len(seen) - 1
+    assert (
+        out.count("calibration: not cached (the machine was busy, or its times spread widely); measuring again")
+        == len(seen) - 1
+    )
     if busy_measurements < 3:
         assert len(files) == 1 and "still not cached" not in out
         main(["model=tiny"])  # a later process (the first run) finds it cached and measures nothing

@@ -160,8 +160,15 @@ def test_the_calibration_measures_what_each_kind_runs(kind, tmp_path):
         ("backend=transformers", "precision=int8"),
         ("backend=transformers", "precision=bf16"),
     ],
-    ids=["engine-q4", "engine-q8-x8", "engine-q4-tiles", "engine-q8-tiles", "engine-q4-bf16-gemm", "transformers-int8",
-         "transformers-bf16"],
+    ids=[
+        "engine-q4",
+        "engine-q8-x8",
+        "engine-q4-tiles",
+        "engine-q8-tiles",
+        "engine-q4-bf16-gemm",
+        "transformers-int8",
+        "transformers-bf16",
+    ],
 )
 def test_every_format_runs_under_every_kind(kind, tmp_path, overrides):
     """Explicit formats, including their fallbacks: without a kernel, q4/q8 run dequantized once (never per call)

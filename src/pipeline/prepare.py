@@ -51,12 +51,12 @@ def _calibration_cached(backend, cache_dir, attempts: int = CALIBRATION_ATTEMPTS
     if backend.info().tags.get("calibration_cached", "true") != "false":
         return True  # cached, or no calibration (another backend)
     for _attempt in range(attempts - 1):
-        print("calibration: not cached (the machine was busy); measuring again")
+        print("calibration: not cached (the machine was busy, or its times spread widely); measuring again")
         if calibrate(backend.source.config, cache_dir, log=print).cached:
             return True
     print(
-        "calibration: still not cached (the machine stayed busy); the first run will measure it again: run "
-        "`python -m pipeline.prepare` once the machine is idle"
+        "calibration: still not cached (the machine stayed busy or its times noisy); the first run will measure it "
+        "again: run `python -m pipeline.prepare` once the machine is idle"
     )
     return False
 

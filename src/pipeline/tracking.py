@@ -3,7 +3,8 @@
 A run is opened before the stages (params, status RUNNING) and closed after them from what the run
 folder holds (metrics, tags, artifacts), so a crash or an interrupt leaves a FAILED or KILLED run,
 not a RUNNING one. `run.py` does both through `tracking_agent`, a process of its own that opens the run
-while the model loads (MLflow's import is not on the way to a ready engine) and closes it as told. `sync_folder` logs a saved run folder later, into the same run when one exists.
+while the model loads (MLflow's import is not on the way to a ready engine) and closes it as told.
+`sync_folder` logs a saved run folder later, into the same run when one exists.
 Clients come from `client_for`, which first checks that the store answers: a store that is down costs
 seconds, not MLflow's retries.
 
