@@ -225,3 +225,24 @@ def test_kernel_state_follows_the_kind_in_one_process(monkeypatch):
     if kernels.available():  # a machine with a compiler
         assert kernels.isa() == "avx2"
         assert kernels.ops() is torch.ops.pipeline_avx2
+
+
+@pytest.mark.parametrize(
+    ("kind", "detected", "off"),
+    [("amx", "amx", True), ("avx2", "amx", True), ("avx512_bf16", "avx512_bf16", False), ("amx", "avx2", False)],
+)
+def test_llama_cpp_keeps_its_amx_buffers_off_on_a_cpu_with_amx_only(monkeypatch, kind, detected, off):
+    """llama-cpp-python, compiled for the CPU it was installed on, segfaulted right after loading on an AMX Xeon
+    with its extra (AMX) weight buffers: they go off where the CPU itself has AMX, whatever kind is forced (a
+    simulated amx on another CPU keeps them), and the environment switch turns them back on."""
+    from types import SimpleNamespace
+
+    from pipeline.backends.llamacpp import EXTRA_BUFTS_ENV, amx_buffers_off
+
+    monkeypatch.setattr(cpu, "current", lambda: cpu.CpuKind(kind, detected, kind != detected, False))
+    monkeypatch.delenv(EXTRA_BUFTS_ENV, raising=False)
+    params = SimpleNamespace(use_extra_bufts=True)
+    assert amx_buffers_off(params) is off and params.use_extra_bufts is not off
+    monkeypatch.setenv(EXTRA_BUFTS_ENV, "1")
+    params = SimpleNamespace(use_extra_bufts=True)
+    assert amx_buffers_off(params) is False and params.use_extra_bufts

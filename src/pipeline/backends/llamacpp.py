@@ -59,6 +59,28 @@ def model_gguf(cfg: Config) -> Path:
     raise PipelineError("backend=llamacpp needs a GGUF model: model=smollm2-135m or model=local model.path=FILE.gguf")
 
 
+EXTRA_BUFTS_ENV = "PIPELINE_LLAMACPP_EXTRA_BUFTS"
+AMX_NOTE = (
+    "llama.cpp: its extra weight buffers (AMX, CPU repack) are off on this AMX CPU, where with them it segfaulted "
+    f"right after loading (the class of llama.cpp issue 20824, in its AMX matrix product); {EXTRA_BUFTS_ENV}=1 "
+    "turns them back on"
+)
+
+
+def amx_buffers_off(model_params) -> bool:
+    """Turns llama.cpp's extra buffer types off on a CPU with AMX (unless $PIPELINE_LLAMACPP_EXTRA_BUFTS=1): a
+    llama-cpp-python 0.3.36 built there puts the weights in its AMX buffer, and it crashed (SIGSEGV) right after
+    loading on the AMX Xeon measured here (both times tried), and ran with them off: the class of llama.cpp issue 20824
+    and of Ollama's Sapphire and Granite Rapids reports. What the CPU is decides, not a forced kind: the package
+    was compiled for this CPU."""
+    from pipeline import cpu
+
+    if cpu.current().detected != "amx" or os.environ.get(EXTRA_BUFTS_ENV, "") not in ("", "0"):
+        return False
+    model_params.use_extra_bufts = False
+    return True
+
+
 @dataclass
 class _Row:
     """One sequence in the decode loop."""
@@ -103,9 +125,10 @@ class LlamaCppBackend:
         # the chat template, the constraint's token ids and the course's `.tokenizer`: the GGUF file's vocabulary
         self.tokenizer = gguf_tokenizer(self.gguf, model_cache_dir(cfg.model))
         threads = cfg.runtime.num_threads or os.cpu_count() or 1
-        self.model = _internals.LlamaModel(
-            path_model=str(self.gguf), params=llama_cpp.llama_model_default_params(), verbose=False
-        )
+        model_params = llama_cpp.llama_model_default_params()
+        if amx_buffers_off(model_params):
+            log(AMX_NOTE)
+        self.model = _internals.LlamaModel(path_model=str(self.gguf), params=model_params, verbose=False)
         self.slots = max(1, min(cfg.stages.micro_batch_size, llama_cpp.llama_max_parallel_sequences() - 1))
         params = llama_cpp.llama_context_default_params()  # flash attention: llama.cpp's own default (auto)
         params.n_ctx, params.n_batch = CONTEXT_TOKENS, BATCH_TOKENS
