@@ -242,6 +242,48 @@ def test_a_constraint_limits_each_step_to_its_allowed_tokens(tiny):
     assert len(free.generated) == 6 and free.hit_budget
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "q8", "q4"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_rows_a_constrained_step_scores_are_the_weights_columns(tiny, fmt, kernel, monkeypatch):
+    """`Linear.rows` (the allowed tokens' rows, gathered from the packed form) holds exactly the values of
+    `weight_t`'s columns, in the order asked, repeats included; a wrong row, order or unpacking fails here."""
+    import pipeline.engine as engine_module
+
+    if not kernel:
+        monkeypatch.setattr(engine_module, "_fused_kernel_available", lambda: False)
+    engine = Engine(tiny.model, fmt)
+    ids = torch.tensor([7, 3, engine.lm_head.out_features - 1, 3, 0])
+    for linear in (engine.lm_head, engine.layers[0].o, engine.layers[-1].gate_up):
+        assert bool(linear.packed) == (kernel and fmt != "fp32")
+        picked = ids % linear.out_features
+        assert torch.equal(linear.rows(picked), linear.weight_t[:, picked].t())
+
+
+def test_a_constrained_choice_among_many_tokens_is_the_best_scored_one(tiny):
+    """Where many tokens are allowed, the one chosen is the argmax of the full logits over them (q4 layers,
+    q8 head read through `Linear.rows`)."""
+    tokenizer = tiny.tokenizer
+    ids = _chat(tokenizer, "How many grams are in 6 kg?")
+    engine = Engine(tiny.model, "q4")
+    allowed = list(range(40, 400, 7))
+
+    class Once:
+        def allowed(self, generated):
+            return allowed if not generated else []
+
+    with torch.inference_mode():
+        (free,) = engine.generate([ids], 1, StopTokens(tokenizer, None, []), 1)
+        hidden = {}
+        engine.generate(
+            [ids], 1, StopTokens(tokenizer, None, []), 1, constraints=[Once()],
+            observe=lambda rows, h: hidden.setdefault("h", h[0].clone()),
+        )  # fmt: skip
+        (constrained,) = engine.generate([ids], 2, StopTokens(tokenizer, None, []), 1, constraints=[Once()])
+    scores = hidden["h"] @ engine.lm_head.weight_t
+    assert constrained.generated == [allowed[int(scores[allowed].argmax())]]
+    assert free.generated == [int(scores.argmax())]
+
+
 @pytest.mark.parametrize(
     "fmt,kernel_rows,gemm",
     [("q4", 64, "fp32"), ("q8", 64, "fp32"), ("q4", 2, "fp32"), ("q4", 2, "bf16"), ("q4", 2, "bf16-plain")],
