@@ -99,6 +99,37 @@ def test_prompts_without_the_shared_prefix_run_and_leave_it_intact(tiny):
     assert [seq.generated for seq in again] == expected[:2]
 
 
+def test_the_fused_kernel_reads_the_prefix_from_its_one_copy_and_no_slot_holds_it(tiny):
+    """The fused engine never copies the shared prefix into its slots (0.5 GB written at every start for 32 slots
+    of SmolLM2) and never reads a position nothing wrote (its caches are allocated untouched): with NaN in
+    every position of every slot, a continuously batched run (prompts without the prefix included, slots
+    reused) gives transformers' own greedy tokens."""
+    tokenizer = tiny.tokenizer
+    questions = ("How many grams are in 6 kg?", "Convert 3 km to m.", "How many ml in 2 l?")
+    with_prefix = [_chat(tokenizer, q) for q in questions]
+    without = tokenizer("6 kg in grams:", add_special_tokens=False)["input_ids"]
+    stopper = StopTokens(tokenizer, None, eos_ids=[])
+    prompts = [with_prefix[0], without, *with_prefix[1:]]
+    expected = [_reference(tiny.model, ids, 5, stopper) for ids in prompts]
+    engine = Engine(tiny.model, "q8", max_kernel_rows=64)  # q8 weights in our kernel: transformers' values
+    assert engine.fused
+    width = 8
+    with torch.inference_mode():
+        engine._ensure(2, 128)
+        caches = engine.k_cache + engine.v_cache
+        for cache in caches:
+            cache.fill_(float("nan"))
+        engine._touch = lambda: None  # the zeros it writes past the prefix would hide a read of them
+        engine.set_prefix(with_prefix[0][:width])
+        assert engine.prefix_k[0].abs().sum() > 0
+        for cache in caches:
+            assert cache[1:, :, :width].isnan().all()  # slot 0 computed the prefix; no other got a copy
+            cache[0, :, :width] = float("nan")  # the kernel reads the prefix from its one copy (prefix_kt, _v)
+        generated = [seq.generated for seq in engine.generate(prompts, 5, stopper, slots=2)]
+        assert all(a is b for a, b in zip(engine.k_cache + engine.v_cache, caches))  # no new cache
+    assert generated == expected
+
+
 def test_a_prompt_with_the_prefix_admitted_where_one_without_it_ran_gets_the_prefix_back(tiny):
     """One slot: a prompt without the shared prefix writes over the slot's copy of it; the prompt with the prefix
     admitted into that slot later in the same call must attend over the prefix, not over what was written there."""
@@ -409,7 +440,10 @@ def test_attention_over_the_shared_prefix_in_blocks_equals_the_eager_layers(wide
                 torch.tensor([5, 9, 11, 13, 17, 19, 23]), torch.tensor([width + i * 3 for i in range(7)])
             )
             assert sum(engine.prefix_ok[:7]) >= 2  # the step's rows include several that read the prefix
-        results[fused] = generated, step
+            # a slot that last ran the prompt without the prefix holds only that prompt's positions: this made-up
+            # step reads past them there (the eager path's stale copy of the prefix, the fused path's zeros)
+            sharing = [slot for slot in range(7) if engine.prefix_ok[slot]]
+        results[fused] = generated, step[sharing]
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
 

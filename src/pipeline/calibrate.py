@@ -387,6 +387,7 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
             )
         else:
             engine._ensure(32, position + 64)
+            engine._touch()  # zeros: the steps timed attend over positions no prefill wrote
         engines.append(engine)
         return engine
 
