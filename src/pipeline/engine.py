@@ -373,7 +373,8 @@ class Engine:
         self.prefix_v: list[torch.Tensor] = []
         self.prefix_kt: list[torch.Tensor] = []  # the fused kernel's copy: [kv_heads, head_dim, P padded to 32]
         # per slot: whether it holds the shared prefix (a prompt without the prefix writes over its slot's copy;
-        # a prompt with the prefix admitted there later gets it back first)
+        # a prompt with the prefix admitted there later gets it back first); for the fused kernel, whether its
+        # row reads the prefix from the one shared copy (no slot holds one: _write_prefix)
         self.prefix_ok: list[bool] = []
         self._untouched = False  # whether the caches' pages past the prefix are still to be touched (_touch)
         self._observe = None  # generate's `observe` hook while it runs
@@ -492,7 +493,7 @@ class Engine:
     def _touch(self) -> None:
         """Touch the pages of every slot's positions past the prefix, once per cache and prefix (the fused
         engine's caches are allocated untouched): generate's first call, the warm-up, pays their first touch
-        rather than a stage (30 ms of a batched stage, AVX512-BF16 EPYC)."""
+        rather than a stage (about 30 ms of a batched stage, AVX512-BF16 EPYC)."""
         if self._untouched:
             for cache in self.k_cache + self.v_cache:
                 cache[:, :, len(self.prefix) :].zero_()
