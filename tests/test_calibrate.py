@@ -12,10 +12,13 @@ import pytest
 
 from pipeline.calibrate import (
     BUSY_SHARE,
+    FOLLOWED_ROWS,
+    GEMM_GAIN,
     MIX,
     ROWS,
     TILE_ROWS,
     Calibration,
+    _interleaved,
     calibrate,
     candidates,
     cpu_seconds,
@@ -106,6 +109,54 @@ def test_int8_tiles_take_the_rows_past_the_kernel_up_to_where_gemm_is_faster():
     assert _calibration(**base, **gemms).tile_rows("q4") == 0  # not measured (an AVX2 CPU): never
 
 
+def test_the_tiles_take_one_row_too_only_where_they_measured_a_clear_gain_over_our_kernel():
+    """Where our q4 kernel is compute-bound at one row (an AMX Xeon: 6.3 ms against the tiles' 4.6 in the engine)
+    the tiles decode; the head (q8: no tiles) keeps our kernel; jump-forward and the format weigh the step that
+    runs. Within GEMM_GAIN, or without tiles, our kernel (fp32 activations: more exact) keeps the row."""
+    gemms = dict(engine__gemm=_times(100, 100), engine__gemm_bf16=_times(30, 40))
+    base = dict(engine__fp32=_times(80, 120), engine__q4=_times(8, 70), engine__q8=_times(9, 70))
+
+    def cal(tiles_one: float, **extra) -> Calibration:
+        tiles = {"1": tiles_one, "4": 5.0, "8": 8.0, "32": 25.0, "128": 110.0}
+        return _calibration(**base, **gemms, engine__tiles=tiles, **extra)
+
+    fast = cal(5.5)
+    assert fast.tiles_one_row("q4") and fast.kernel_rows("q4") == 0 and fast.one_row_ms("q4") == 5.5
+    assert fast.kernel_rows("q4", tiles=False) > 0  # precision.gemm=bf16 asked for: no tiles, the kernel's rows
+    assert fast.head_rows("q4") == 1  # the lm_head's q8 has no tiles: our kernel for one row
+    assert not fast.tiles_one_row("q8") and fast.kernel_rows("q8") > 0  # tiles hold q4 only
+    assert fast.choices() != cal(7.9).choices()
+    edge = 8.0 / GEMM_GAIN
+    assert not cal(edge * 1.01).tiles_one_row("q4") and cal(edge * 0.99).tiles_one_row("q4")
+    assert cal(7.9).kernel_rows("q4") == 1 and cal(7.9).one_row_ms("q4") == 8.0
+    # against the kernel's int8 activations where those were taken (they are the one-row step then)
+    with_x8 = cal(5.5, engine__q4x8={"1": 5.2})
+    assert with_x8.int8_activations("q4") and not with_x8.tiles_one_row("q4") and with_x8.one_row_ms("q4") == 5.2
+    # tiles not used past the kernel at all (slower at 4 rows than bf16 GEMM): not for one row either
+    slow = _calibration(**base, **gemms, engine__tiles={"1": 1.0, "4": 50.0, "8": 80.0, "32": 250.0, "128": 900.0})
+    assert slow.tile_rows("q4") == 0 and not slow.tiles_one_row("q4") and slow.kernel_rows("q4") == 8
+    # jump-forward against eight one-row steps of what runs them: 8 rows in the tiles (8 ms) against 8 x 0.9 ms
+    assert cal(7.9).jump_forward_pays("q4") and not cal(0.9).jump_forward_pays("q4")
+    # the format's cost counts the tiles' one-row step where int8 activations are allowed
+    q8_cheaper = dict(engine__fp32=_times(80, 120), engine__q4=_times(8, 70), engine__q8=_times(6.5, 60))
+    both = _calibration(**q8_cheaper, **gemms, engine__tiles={"1": 4.0, "4": 5.0, "8": 8.0, "32": 60.0, "128": 300.0})
+    assert both.engine_format(int8_activations=False) == "q8" and both.engine_format(int8_activations=True) == "q4"
+
+
+def test_a_step_of_few_rows_is_timed_right_after_one_on_the_same_weights():
+    """A stage's steps follow each other on the same weights; timed after another candidate instead, a step read
+    its weights from memory where the stage finds them in cache (our kernel vs the tiles at one row: 7.7 / 6.3 ms
+    there, 6.3 / 4.6 ms in the engine, AMX Xeon). Steps of more rows run once per round."""
+    calls: list[str] = []
+    tasks = [(f"c{rows}", rows, lambda rows=rows: calls.append(f"c{rows}")) for rows in (1, FOLLOWED_ROWS, 32, 128)]
+    median, spread = _interleaved(tasks, reps=2)
+    warm = ["c1", "c8", "c32", "c128"]
+    one_round = ["c1", "c1", "c8", "c8", "c32", "c128"]
+    assert FOLLOWED_ROWS == 8 and calls == warm + one_round + one_round
+    assert median == {f"c{r}": {str(r): median[f"c{r}"][str(r)]} for r in (1, 8, 32, 128)}
+    assert set(spread) == set(median)
+
+
 def test_int8_activations_are_picked_only_for_a_clear_gain_and_follow_the_allowed_activations():
     cal = _calibration(
         engine__fp32=_times(80, 120),
@@ -157,7 +208,9 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
     for name, times in step_ms.items():
         expected = {"1"} if name.endswith("x8") else {str(r) for r in ROWS}
         if name.startswith(("engine:gemm", "engine:tiles")):
-            expected = {str(r) for r in TILE_ROWS}  # one row is always our kernel's; 128 rows: a prefill
+            expected = {str(r) for r in TILE_ROWS}  # one row is our kernel's or the tiles'; 128 rows: a prefill
+        if name == "engine:tiles":
+            expected |= {"1"}  # which may beat our kernel for one row
         if name.startswith("engine:head"):
             expected = {str(max(ROWS))}  # the lm_head of a full batched step, our kernel against GEMM
         assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name

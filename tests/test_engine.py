@@ -559,3 +559,48 @@ def test_the_warm_up_passes_every_row_limit_without_running_the_batched_stage_pr
     assert limit == 16 and len(batch) == 17
     assert max(rows) > limit, (engine.steps, limit)  # a product past the kernel: GEMM warmed
     assert max(rows) < stage_prefill / 4, (engine.steps, stage_prefill)  # not the stage's prefill (300+ rows)
+
+
+def test_where_the_tiles_measured_faster_for_one_row_they_decode_and_give_the_kernel_s_answers(monkeypatch):
+    """A calibration whose tiles beat our kernel at one row (an AMX Xeon: 4.6 against 6.3 ms a step) sends one-row
+    steps to the tiles: the kernel's limit is 0, the lm_head (q8, no tiles) stays on our kernel, the log and the
+    tags say so. precision.activations=fp32 keeps the kernel; without an AVX512 build nothing changes. The tokens
+    are those of the kernel's path: the tiles' two int8 digits (15 bits) do not change a greedy choice here."""
+    from pipeline import kernels
+    from pipeline.backends import load_backend
+    from pipeline.calibrate import Calibration
+    from pipeline.config import load_config
+
+    def times(one: float, thirty_two: float) -> dict[str, float]:
+        return {str(r): one + (thirty_two - one) * (r - 1) / 31 for r in (1, 4, 8, 32)}
+
+    step_ms = {
+        "engine:fp32": times(80, 120), "engine:q4": times(8, 70), "engine:q8": times(9, 70),
+        "engine:gemm": times(100, 100), "engine:gemm_bf16": times(30, 40) | {"128": 90.0},
+        "engine:tiles": {"1": 5.0, "4": 5.0, "8": 8.0, "32": 25.0, "128": 110.0},
+    }  # fmt: skip
+    monkeypatch.setattr("pipeline.calibrate.calibrate", lambda *a, **k: Calibration(step_ms, "test cpu", 0.0))
+    if not kernels.available():
+        pytest.skip(f"no kernel of ours here: {kernels.unavailable_reason()}")
+    tiles_here = kernels.gemm_i8_available()
+    answers, lines = {}, {}
+    items = load_items()[:6]
+    for activations in ("auto", "fp32"):
+        cfg = load_config(["model=tiny", "backend=engine", "precision=q4", f"precision.activations={activations}"])
+        logged: list[str] = []
+        backend, _ = load_backend(cfg, logged.append)
+        engine, tags = backend.engine, backend.info().tags
+        lines[activations] = next(line for line in logged if line.startswith("engine:"))
+        takes_row = activations == "auto" and tiles_here
+        assert (engine.max_kernel_rows == 0) == takes_row, (activations, engine.max_kernel_rows)
+        assert engine.lm_head.max_kernel_rows >= 1  # the head's q8 weights have no tiles
+        assert (tags["activations"] == "int8x2") == takes_row
+        assert tags["engine_kernel_rows"] == str(engine.max_kernel_rows)
+        assert (engine.tile_rows > 0) == tiles_here
+        engine.steps.clear()
+        answers[activations] = [backend.generate(item.question, max_new_tokens=6).token_ids for item in items]
+        assert engine.steps["1"] > 0  # one-row steps ran
+    if tiles_here:
+        assert "from one row" in lines["auto"] and "the lm_head on our kernel" in lines["auto"], lines["auto"]
+    assert "from one row" not in lines["fp32"], lines["fp32"]
+    assert answers["auto"] == answers["fp32"]

@@ -10,7 +10,7 @@ on values):
   activations for one row (`q8x8`, `q4x8`: x quantized per 32 values, llama.cpp's scheme), and the same step
   with every product in GEMM (`engine:gemm`, and `engine:gemm_bf16` where bf16 is native) or in the int8 tiles
   (`engine:tiles`, AVX512 builds), also at 128 rows, to find where our kernel stops paying and where the tiles
-  do;
+  do, and the tiles at one row, where they may beat our kernel (taken for a 10% gain);
 - the transformers backend's linear layers: fp32 and bf16 (F.linear) and int8 (torch's `_weight_int8pack_mm`).
 
 Repetitions are interleaved (each round times every candidate once, so a busy moment hits all of them), the
@@ -63,6 +63,17 @@ X8 = "x8"  # suffix of an engine format with int8 activations for one row
 # the products of many rows are also timed at 128 rows (a prefill), where int8 tiles and GEMM may change places
 TILE_ROWS = (4, 8, 32, 128)
 TILE_AGREE = 2.0  # two tile limits this close (a factor) are one choice: the confirming measurement agrees
+# the tiles are also timed for one row: where our q4 kernel is compute-bound at one row (it unpacks every weight
+# to fp32; on an AMX Xeon at 27 GB/s, 30 layers' products took 3.5 ms with the weights in cache against the tiles'
+# 2.0 ms) they may decode faster; their activations are int8 (two digits), so they take one row only for
+# GEMM_GAIN (tiles_one_row)
+ONE_ROW = 1
+# steps of up to this many rows are timed right after one on the same weights: a stage runs them one after another,
+# so a cache large enough keeps the weights between them (the AMX Xeon's 480 MB L3 holds SmolLM2's 66 MB of q4
+# layers). Timed after other candidates instead, they read from memory: our kernel's one-row step measured 7.7 ms
+# and the tiles' 6.3 there, but 6.3 and 4.6 ms in the engine between the stage's own steps. Steps of more rows do
+# enough arithmetic per weight that where the weights come from matters little, and are not run twice.
+FOLLOWED_ROWS = 8
 
 
 @dataclass
@@ -125,6 +136,8 @@ class Calibration:
             one = self.time(f"engine:{f}", 1)
             if int8_activations:
                 one = min(one, self.time(f"engine:{f}{X8}", 1) * INT8_GAIN)
+                if f == "q4" and self.tile_rows(f):
+                    one = min(one, self.time("engine:tiles", ONE_ROW) * GEMM_GAIN)
             many = self.time(f"engine:{f}", 32)
             if f != "fp32":
                 many = min(many, self.many_ms(32, f))
@@ -173,13 +186,40 @@ class Calibration:
         bf16, fp32 = self.time("engine:gemm_bf16", 32), self.time("engine:gemm", 32)
         return "bf16" if bf16 * GEMM_GAIN < fp32 else "fp32"
 
+    def tiles_one_row(self, fmt: str) -> bool:
+        """Whether the int8 tiles (q4, where they run at all) take one-row steps too: only where they measured
+        GEMM_GAIN faster than our kernel's one-row step with the activations it would use. That is the rule they
+        follow against fp32 GEMM: their activations (two int8 digits, 15 bits) are less exact than fp32, far more
+        than one int8 digit (INT8_GAIN's rule)."""
+        if fmt != "q4" or not self.tile_rows(fmt):
+            return False
+        kernel = self.time(f"engine:{fmt}", 1)
+        if self.int8_activations(fmt):
+            kernel = min(kernel, self.time(f"engine:{fmt}{X8}", 1))
+        return self.time("engine:tiles", ONE_ROW) * GEMM_GAIN < kernel
+
+    def one_row_ms(self, fmt: str) -> float:
+        """A one-row step in what takes it: the tiles where `tiles_one_row`, else our kernel (with int8 activations
+        where `int8_activations`)."""
+        if self.tiles_one_row(fmt):
+            return self.time("engine:tiles", ONE_ROW)
+        if self.int8_activations(fmt):
+            return self.time(f"engine:{fmt}{X8}", 1)
+        return self.time(f"engine:{fmt}", 1)
+
     def kernel_rows(self, fmt: str, tiles: bool = True) -> int:
         """The most rows for which the format's kernel is no slower than what takes more rows: GEMM, or where
-        `tiles` the int8 tiles up to their limit (q4)."""
+        `tiles` the int8 tiles up to their limit (q4); 0 where `tiles` and the tiles take one row too
+        (`tiles_one_row`)."""
+        if tiles and self.tiles_one_row(fmt):
+            return 0
         if "engine:gemm" not in self.step_ms:  # an older calibration of bare linear layers: against fp32
             return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= self.time("engine:fp32", r)), default=0)
-        past = self.many_ms if tiles else (lambda r, f: self.gemm_ms(r))
-        return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= past(r, fmt)), default=0)
+
+        def past(r: int) -> float:  # the tiles' own rule decides one row (above)
+            return self.many_ms(r, fmt) if tiles and r != ONE_ROW else self.gemm_ms(r)
+
+        return max((r for r in ROWS if self.time(f"engine:{fmt}", r) <= past(r)), default=0)
 
     def head_rows(self, fmt: str, gemm: str = "fp32") -> int:
         """The most rows for which the lm_head runs our kernel: 32 where its q8 product of 32 rows measured no
@@ -190,13 +230,13 @@ class Calibration:
             gemm_ms = self.time("engine:head_fp32", max(ROWS))
         if math.isfinite(kernel) and kernel <= gemm_ms:
             return max(ROWS)
-        return self.kernel_rows(fmt)
+        return max(1, self.kernel_rows(fmt))  # the head is q8, which has no tiles: one row on our kernel at least
 
     def jump_forward_pays(self, fmt: str) -> bool:
         """Whether one step of 8 rows (our kernel, or past it, the faster) measured cheaper than 8 one-row steps (then
         a forced run goes in at once)."""
         eight = min(self.time(f"engine:{fmt}", 8), self.many_ms(8, fmt))
-        return eight < 8 * self.time(f"engine:{fmt}", 1)
+        return eight < 8 * self.one_row_ms(fmt)
 
     def int8_activations(self, fmt: str) -> bool:
         """Whether int8 activations measured faster than fp32 ones for a decode step in `fmt` (by INT8_GAIN)."""
@@ -264,7 +304,8 @@ def _is_format(candidate: str) -> bool:
 
 def _interleaved(tasks: list[tuple[str, int, object]], reps: int, reverse: bool = False) -> tuple[dict, dict]:
     """Median ms and spread (max / min) of each (name, rows, function), timed in `reps` interleaved rounds (each
-    round in the opposite order with `reverse`, so that what follows a heavy candidate follows another one)."""
+    round in the opposite order with `reverse`, so that what follows a heavy candidate follows another one); a step
+    of up to FOLLOWED_ROWS rows is run once untimed right before it is timed."""
     if reverse:
         tasks = tasks[::-1]
     for _, _, function in tasks:  # first calls allocate and spin up threads
@@ -272,6 +313,8 @@ def _interleaved(tasks: list[tuple[str, int, object]], reps: int, reverse: bool 
     times: dict[tuple[str, int], list[float]] = {(name, rows): [] for name, rows, _ in tasks}
     for _ in range(reps):
         for name, rows, function in tasks:
+            if rows <= FOLLOWED_ROWS:
+                function()  # the step timed follows one on the same weights, as a stage's steps do
             start = time.perf_counter()
             function()
             times[(name, rows)].append((time.perf_counter() - start) * 1e3)
@@ -402,7 +445,7 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
         gemms = [("gemm", torch.float32)] + ([("gemm_bf16", torch.bfloat16)] if cpu.current().fast_bf16 else [])
         if kernels.gemm_i8_available():  # every product of more than one row in int8 tiles, two digits
             engine = ready(Engine(config=config, state=states["q4"], fmt="q4", tiles=True))
-            for rows in TILE_ROWS:
+            for rows in (ONE_ROW, *TILE_ROWS):
                 tasks.append(("engine:tiles", rows, step(engine, rows, False, 0, max(TILE_ROWS))))
         for name, dtype in gemms:
             engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))

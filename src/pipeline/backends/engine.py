@@ -101,18 +101,22 @@ class EngineBackend:
             self.warnings.append(f"precision.gemm={choice} needs {why}; the calibrated GEMM runs instead")
         elif choice == "auto" and can_tile and calibration.tile_rows(fmt):
             tiles, tile_rows = "int8x2", calibration.tile_rows(fmt)
-        # an explicit format runs its kernel even where fp32 GEMM measured faster for one row
-        rows = max(1, calibration.kernel_rows(fmt, tiles=bool(tiles))) if fmt != "fp32" and has_kernel else 0
         activations = cfg.precision.activations
+        kernel_runs = fmt != "fp32" and has_kernel  # our kernel (or its tiles) runs the products of q4/q8
+        # where the calibration measured the tiles faster for one row too (precision.activations=auto: their
+        # activations are int8), our kernel's limit is 0 and the tiles decode; an explicit format otherwise runs its
+        # kernel even where fp32 GEMM measured faster for one row
+        one_row_tiles = bool(tiles) and activations == "auto" and calibration.tiles_one_row(fmt)
+        rows = 0 if one_row_tiles or not kernel_runs else max(1, calibration.kernel_rows(fmt, tiles=bool(tiles)))
         int8_x = rows > 0 and (activations == "int8" or (activations == "auto" and calibration.int8_activations(fmt)))
         if activations == "int8" and fmt == "fp32":
             self.warnings.append("precision.activations=int8 applies to q4/int8 weights; fp32 weights decode in fp32")
         elif activations == "int8" and not int8_x:
             self.warnings.append("precision.activations=int8 needs a kernel of ours; it is not applied here")
         gemm = choice if choice in ("fp32", "bf16") else calibration.gemm_dtype()
-        if gemm == "bf16" and (rows == 0 or fmt == "fp32"):
+        if gemm == "bf16" and not kernel_runs:
             gemm = "fp32"  # fp32 weights stay exact, and without a kernel the eager path keeps fp32
-        head_rows = max(rows, calibration.head_rows(fmt, gemm)) if rows else 0  # the lm_head's q8 on our kernel
+        head_rows = max(rows, calibration.head_rows(fmt, gemm)) if kernel_runs else 0  # the lm_head's q8 on our kernel
         if cfg.precision.gemm == "bf16" and not cpu.current().fast_bf16:
             self.warnings.append(
                 f"precision.gemm=bf16 on CPU kind {cpu.current().kind}: bf16 GEMM is emulated here and slow"
@@ -132,19 +136,23 @@ class EngineBackend:
                 f"activations and weights to bf16 ({measured}; lossy): see this run's KLD against fp32"
             )
         described = "int8 activations for one row" if int8_x else "fp32 activations"
+        if one_row_tiles:
+            described = f"{tiles} activations from one row (the tiles measured faster than our kernel for one row here)"
         past = f"{gemm} GEMM above"
         if tiles:
             past = f"{tiles} tiles above" if tile_rows == ALL_ROWS else f"{tiles} tiles to {tile_rows} rows, {past}"
-        products = (
-            f"our kernel ({kernel}) up to {rows} rows (the lm_head {head_rows}), {past}"
-            if rows
-            else (f"fp32 GEMM ({kernel})")
-        )
+        products = f"fp32 GEMM ({kernel})"
+        if rows:
+            products = f"our kernel ({kernel}) up to {rows} rows (the lm_head {head_rows}), {past}"
+        elif one_row_tiles:
+            span = "for every row count" if tile_rows == ALL_ROWS else f"from one row to {tile_rows}, {gemm} GEMM above"
+            products = f"{tiles} tiles of our kernel ({kernel}) {span}, the lm_head on our kernel to {head_rows} rows"
+        activations_tag = tiles if one_row_tiles else "int8" if int8_x else "fp32"
         log(f"engine: {fmt} decode weights (source {source}), {described}, {products}")
         with torch.inference_mode():
             state, packed_how = self.source.state(fmt, log)
             # the bf16 GEMM's copies of the weights, rounded and transposed once and kept beside the packed state
-            copies_file = self.source.bf16_file(fmt) if gemm == "bf16" and rows and fmt != "fp32" else None
+            copies_file = self.source.bf16_file(fmt) if gemm == "bf16" and kernel_runs else None
             copies = load_tensors(copies_file) if copies_file is not None else None
             if copies:
                 state = {**state, **copies}
@@ -185,7 +193,7 @@ class EngineBackend:
                 "source_formats": source,
                 "engine_weights": packed_how,
                 "bf16_copies": "cached" if copies else "made" if copies_file is not None else "none",
-                "activations": "int8" if int8_x else "fp32",
+                "activations": activations_tag,
                 "gemm": gemm,
                 "tiles": tiles or "none",
                 "tile_rows": str(tile_rows),
