@@ -132,6 +132,11 @@ def test_the_tiles_take_one_row_too_only_where_they_measured_a_clear_gain_over_o
     # against the kernel's int8 activations where those were taken (they are the one-row step then)
     with_x8 = cal(5.5, engine__q4x8={"1": 5.2})
     assert with_x8.int8_activations("q4") and not with_x8.tiles_one_row("q4") and with_x8.one_row_ms("q4") == 5.2
+    # where the layers alone were timed, they decide (the head, on our kernel either way, thins the ratio): the
+    # whole steps' 7.9 against 8.0 ms, the layers' 4.6 against 6.3
+    layers = dict(engine__layers_tiles={"1": 4.6}, engine__layers_q4={"1": 6.3})
+    assert cal(7.9, **layers).tiles_one_row("q4") and cal(7.9, **layers).kernel_rows("q4") == 0
+    assert not cal(5.5, engine__layers_tiles={"1": 6.0}, engine__layers_q4={"1": 6.3}).tiles_one_row("q4")
     # tiles not used past the kernel at all (slower at 4 rows than bf16 GEMM): not for one row either
     slow = _calibration(**base, **gemms, engine__tiles={"1": 1.0, "4": 50.0, "8": 80.0, "32": 250.0, "128": 900.0})
     assert slow.tile_rows("q4") == 0 and not slow.tiles_one_row("q4") and slow.kernel_rows("q4") == 8
@@ -211,6 +216,8 @@ def test_measure_times_the_real_step_of_every_candidate_and_the_cache_is_reused(
             expected = {str(r) for r in TILE_ROWS}  # one row is our kernel's or the tiles'; 128 rows: a prefill
         if name == "engine:tiles":
             expected |= {"1"}  # which may beat our kernel for one row
+        if name.startswith("engine:layers"):
+            expected = {"1"}  # that choice on the layers alone
         if name.startswith("engine:head"):
             expected = {str(max(ROWS))}  # the lm_head of a full batched step, our kernel against GEMM
         assert set(times) == expected and min(times.values()) > 0 and set(spread[name]) == expected, name

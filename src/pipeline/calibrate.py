@@ -190,7 +190,8 @@ class Calibration:
 
     def tiles_one_row(self, fmt: str) -> bool:
         """Whether the int8 tiles (q4, where they run at all) take one-row steps too: only where they measured
-        GEMM_GAIN faster than our kernel's one-row step with the activations it would use. That is the rule they
+        GEMM_GAIN faster than our kernel's one-row step with the activations it would use (the layers alone where
+        they were timed so: the lm_head runs our kernel either way). That is the rule they
         follow against fp32 GEMM: their activations (two int8 digits, 15 bits) are less exact than fp32, far more
         than one int8 digit (INT8_GAIN's rule)."""
         if fmt != "q4" or not self.tile_rows(fmt):
@@ -198,6 +199,9 @@ class Calibration:
         kernel = self.time(f"engine:{fmt}", 1)
         if self.int8_activations(fmt):
             kernel = min(kernel, self.time(f"engine:{fmt}{X8}", 1))
+        if "engine:layers_tiles" in self.step_ms and not self.int8_activations(fmt):
+            # the layers alone, where timed: the head's time is the same for both
+            return self.time("engine:layers_tiles", ONE_ROW) * GEMM_GAIN < self.time("engine:layers_q4", ONE_ROW)
         return self.time("engine:tiles", ONE_ROW) * GEMM_GAIN < kernel
 
     def one_row_ms(self, fmt: str) -> float:
@@ -301,7 +305,9 @@ class Calibration:
 
 def _is_format(candidate: str) -> bool:
     name = candidate.split(":", 1)
-    return name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith(("gemm", "head", "tiles"))
+    return (
+        name[0] == "engine" and not name[1].endswith(X8) and not name[1].startswith(("gemm", "head", "tiles", "layers"))
+    )
 
 
 def _interleaved(tasks: list[tuple[str, int, object]], reps: int, reverse: bool = False) -> tuple[dict, dict]:
@@ -389,7 +395,7 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
     prefix = min(PREFIX_TOKENS, config.max_position_embeddings // 2)
     position = prefix + 16  # a question's tokens past it
 
-    def step(engine: Engine, rows: int, int8_x: bool, kernel_rows: int, tile_rows: int = 0):
+    def step(engine: Engine, rows: int, int8_x: bool, kernel_rows: int, tile_rows: int = 0, head: bool = True):
         tokens, positions = torch.arange(rows) + 100, torch.full((rows,), position)
         # more rows than the 32 slots: a prefill of rows - 32 ... in each slot, its layers only (a prefill's head
         # scores one row)
@@ -401,6 +407,9 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
                 engine.set_tile_rows(tile_rows)
             if rows > 32:
                 engine._fused_layers(tokens, slots, chunk)
+                return
+            if not head:  # the layers alone: what a constrained row's step runs
+                engine._decode_hidden(tokens, positions)
                 return
             engine.lm_head.max_kernel_rows = 64  # the head on our kernel throughout: its choice is timed apart
             engine.lm_head(engine._decode_hidden(tokens, positions), int8_x)
@@ -449,6 +458,7 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
         return engine
 
     states = {fmt: _random_state(config, fmt, shared, generator) for fmt in formats}
+    q4_at = formats.index("q4") if "q4" in formats else -1
     for fmt in formats:
         engine = ready(Engine(config=config, state=states[fmt], fmt=fmt))
         for rows in ROWS:
@@ -461,6 +471,10 @@ def engine_tasks(config, generator: torch.Generator) -> list[tuple[str, int, obj
             engine = ready(Engine(config=config, state=states["q4"], fmt="q4", tiles=True))
             for rows in (ONE_ROW, *TILE_ROWS):
                 tasks.append(("engine:tiles", rows, step(engine, rows, False, 0, max(TILE_ROWS))))
+            # the one-row choice between the tiles and our kernel, on the layers alone (the head runs our kernel
+            # either way, and its 0.8 ms, with the attention, thinned a 1.38x difference of the layers to 1.07x)
+            tasks.append(("engine:layers_tiles", ONE_ROW, step(engine, ONE_ROW, False, 0, max(TILE_ROWS), False)))
+            tasks.append(("engine:layers_q4", ONE_ROW, step(engines[q4_at], ONE_ROW, False, 64, head=False)))
         for name, dtype in gemms:
             engine = ready(Engine(config=config, state=states["q8"], fmt="q8", gemm_dtype=dtype))
             for rows in TILE_ROWS:  # one row is our kernel's, always
@@ -538,7 +552,7 @@ def candidates(backend: str | None = None) -> list[str]:
     if kernels.available() and cpu.current().fast_bf16:
         engine += ["gemm_bf16", "head_bf16"]
     if kernels.available() and kernels.gemm_i8_available():
-        engine += ["tiles"]
+        engine += ["tiles", "layers_tiles", "layers_q4"]
     names = {
         "engine": [f"engine:{f}" for f in engine],
         "transformers": [f"transformers:{f}" for f in ("fp32", "bf16", "int8")],
