@@ -28,7 +28,12 @@ def _parent_and_children(db):
 
 
 @pytest.mark.parametrize(
-    "launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"]
+    "launcher",
+    [
+        pytest.param([], id="basic"),
+        # the same checks through the parallel launcher: 31 s of a 2-core make test, so in make test-slow (CI runs it)
+        pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], id="joblib", marks=pytest.mark.slow),
+    ],
 )
 def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, launcher):
     result = run_app(["-m", *TINY, *SWEEP, *launcher], tmp_path)
