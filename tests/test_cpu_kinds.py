@@ -198,6 +198,40 @@ def test_every_format_runs_under_every_kind(kind, tmp_path, overrides):
         assert tiles or any(f"precision.gemm={asked} needs" in w for w in result.warnings), result.warnings
 
 
+def test_prefix_attention_runs_on_amx_tiles_only_under_the_amx_kind_of_an_amx_cpu(kind, tmp_path, monkeypatch):
+    """precision.prefix_attention: auto takes the AMX tiles where the kind is amx on a CPU that has them and the
+    many-row products are bf16; bf16 asks for them and says where they cannot run; fp32 never takes them. The
+    model has 64-dimension heads (the tiles' shape). A forced lower kind on an AMX CPU, or a simulated amx on
+    another CPU, keeps fp32: no AMX instruction runs there."""
+    from pipeline.backends import load_backend
+    from pipeline.calibrate import Calibration
+
+    # a canned calibration (the choice follows the kind and the knob, not timings): no minutes of measuring
+    step_ms = {"engine:fp32": {"1": 9.0, "32": 90.0}, "engine:q4": {"1": 1.0, "32": 40.0},
+               "engine:gemm": {"1": 9.0, "32": 20.0}, "engine:gemm_bf16": {"1": 9.0, "32": 10.0}}  # fmt: skip
+    monkeypatch.setattr("pipeline.calibrate.calibrate", lambda *a, **k: Calibration(step_ms, "test cpu", 0.0))
+    shape = ["model.tiny_hidden_size=384", "model.tiny_heads=6", "model.tiny_kv_heads=2", "model.tiny_layers=1"]
+    here = kind == "amx" and not cpu.current().simulated and kernels.available()
+    assert here == kernels.amx_attention()
+    for asked in ("auto", "bf16", "fp32"):
+        cfg = load_config(_overrides(tmp_path, "backend=engine", "precision=q4", "precision.gemm=bf16",
+                                     f"precision.prefix_attention={asked}", *shape))  # fmt: skip
+        lines: list[str] = []
+        backend, warnings = load_backend(cfg, lines.append)
+        tags = backend.info().tags
+        on = here and asked != "fp32"
+        assert tags["prefix_attention"] == ("amx_bf16" if on else "fp32"), (kind, asked, tags["prefix_attention"])
+        assert backend.engine.bf16_attention == on
+        assert any("on AMX bf16 tiles" in line for line in lines) == on
+        refused = [w for w in warnings if "precision.prefix_attention=bf16 needs" in w]
+        assert len(refused) == (asked == "bf16" and not here), (asked, warnings)
+
+
+def test_an_unknown_prefix_attention_is_one_error_naming_the_choices():
+    with pytest.raises(PipelineError, match=r"prefix_attention='fp16' is not valid; choose one of: auto, fp32"):
+        load_config(["precision.prefix_attention=fp16"])
+
+
 def test_the_course_adapter_runs_to_its_loss_under_every_kind(kind, tmp_path, monkeypatch):
     """As the course's grader uses it: construct, 32 generate calls, one batched_generate of 32, then its loss with
     .model and .tokenizer."""

@@ -604,3 +604,45 @@ def test_where_the_tiles_measured_faster_for_one_row_they_decode_and_give_the_ke
         assert "from one row" in lines["auto"] and "the lm_head on our kernel" in lines["auto"], lines["auto"]
     assert "from one row" not in lines["fp32"], lines["fp32"]
     assert answers["auto"] == answers["fp32"]
+
+
+def test_attention_over_the_shared_prefix_on_amx_tiles_is_fp32_s_within_bf16_and_only_for_24_rows_or_more():
+    """On AMX (CPU kind amx, kernel given the tiles by Linux), prefills and steps of 24+ rows that read the shared
+    prefix attend to it on bf16 tiles: hidden states within bf16's rounding of the fp32 path's, and not the same
+    bits (the tiles ran). A prefill of fewer rows keeps the fp32 path's bits. Where the tiles do not run (every
+    other kind, a simulated one, no kernel), asking for them is a clear error that names the fix."""
+    from pipeline import kernels
+    from pipeline.errors import PipelineError
+
+    if not kernels.available():
+        pytest.skip(f"no kernel of ours here: {kernels.unavailable_reason()}")
+    cfg = ModelConfig(name="tiny", source="tiny", tiny_layers=2, tiny_heads=6, tiny_kv_heads=2, tiny_hidden_size=384)
+    tiny64 = load_model(cfg, CPU, torch.float32, "sdpa")  # heads of 64 dimensions, as SmolLM2's
+    engine = Engine(tiny64.model, "q4", max_kernel_rows=4, gemm_dtype=torch.bfloat16)
+    if not kernels.amx_attention():
+        with pytest.raises(PipelineError, match="AMX CPU.*precision.prefix_attention=fp32"):
+            engine.set_bf16_attention(True)
+        assert not engine.bf16_attention and not engine.prefix_kb
+        return
+    prompts = [_chat(tiny64.tokenizer, item.question) for item in load_items()[:30]]
+    shared = 0
+    while all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    stopper = StopTokens(tiny64.tokenizer, None, eos_ids=[])
+
+    def first_hidden(on: bool, slots: int) -> torch.Tensor:
+        engine.set_bf16_attention(on)
+        seen: list[torch.Tensor] = []
+        with torch.inference_mode():
+            engine.set_prefix(prompts[0][:shared])
+            engine.generate(prompts[:slots], 1, stopper, slots, observe=lambda rows, h: seen.append(h.clone()))
+        assert bool(engine.prefix_kb) == on
+        return seen[0]
+
+    many_fp32, many_amx = first_hidden(False, 30), first_hidden(True, 30)  # a prefill of 30 prompts' own tokens
+    assert not torch.equal(many_fp32, many_amx)
+    torch.testing.assert_close(many_amx, many_fp32, rtol=0, atol=1.5e-2 * many_fp32.abs().max().item())
+    assert (many_amx - many_fp32).abs().mean() < 1e-2 * many_fp32.abs().mean()
+    few = len(prompts[0]) - shared
+    assert few < 24
+    assert torch.equal(first_hidden(True, 1), first_hidden(False, 1))  # one prompt's prefill: fp32

@@ -30,6 +30,7 @@ def default_cache_dir() -> Path:
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 ACTIVATIONS = ("auto", "fp32", "int8")
 GEMM_DTYPES = ("auto", "fp32", "bf16", "int8x2", "int8")
+PREFIX_ATTENTION = ("auto", "fp32", "bf16")
 PRECISIONS = ("fp32", "bf16", "fp16", "half", "auto", "int8", "q4")
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 BACKENDS = ("auto", "engine", "transformers", "llamacpp", "openvino", "ctranslate2")
@@ -96,11 +97,17 @@ class PrecisionConfig:
     # the most rows where the calibration measured it no slower than GEMM, and above that bf16 where measured
     # at least 10% faster than fp32; the cost of each is in the run's KLD
     gemm: str = "auto"
+    # backend=engine: attention over the shared prefix for batched prefills and steps (24+ rows).
+    # fp32 (register tiles), bf16 (AMX CPUs: tiles with fp32 sums; rounds queries, the prefix's keys and
+    # values and the probabilities to bf16), or auto: bf16 on AMX CPUs where the products of many rows are bf16
+    # (gemm above), else fp32; the cost is in the run's KLD
+    prefix_attention: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.name, PRECISIONS)
         _check_choice("precision.activations", self.activations, ACTIVATIONS)
         _check_choice("precision.gemm", self.gemm, GEMM_DTYPES)
+        _check_choice("precision.prefix_attention", self.prefix_attention, PREFIX_ATTENTION)
 
 
 @dataclass

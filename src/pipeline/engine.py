@@ -272,6 +272,12 @@ def _fused_kernel_available() -> bool:
     return kernels.available()
 
 
+def _kernel_amx_attention() -> bool:
+    from pipeline import kernels
+
+    return kernels.amx_attention()
+
+
 def _kernel_ops():
     from pipeline import kernels
 
@@ -372,6 +378,10 @@ class Engine:
         self.prefix_k: list[torch.Tensor] = []
         self.prefix_v: list[torch.Tensor] = []
         self.prefix_kt: list[torch.Tensor] = []  # the fused kernel's copy: [kv_heads, head_dim, P padded to 32]
+        # the prefix's keys and values as bf16 pairs, for attention on AMX tiles (set_bf16_attention)
+        self.bf16_attention = False
+        self.prefix_kb: list[torch.Tensor] = []
+        self.prefix_vb: list[torch.Tensor] = []
         # per slot: whether it holds the shared prefix (a prompt without the prefix writes over its slot's copy;
         # a prompt with the prefix admitted there later gets it back first); for the fused kernel, whether its
         # row reads the prefix from the one shared copy (no slot holds one: _write_prefix)
@@ -510,6 +520,7 @@ class Engine:
         """Compute the KV cache of `prefix` once (or take it from `cached`, what `prefix_state` gave for the same
         prefix and engine) and put it at the start of every slot."""
         self.prefix, self.prefix_k, self.prefix_v, self.prefix_kt = [], [], [], []
+        self.prefix_kb, self.prefix_vb = [], []
         if not prefix:
             return
         self._ensure(self.slots, len(prefix) + 64)
@@ -523,7 +534,33 @@ class Engine:
         pad = -len(prefix) % 32
         self.prefix_kt = [F.pad(k.transpose(1, 2), (0, pad)).contiguous() for k in self.prefix_k]
         self.prefix = list(prefix)
+        self._bf16_pairs()
         self._write_prefix()
+
+    def set_bf16_attention(self, on: bool) -> None:
+        """Whether rows that read the shared prefix attend to it on AMX bf16 tiles (calls of 24 rows or more that
+        read it: batched prefills and steps; the kernel rounds the queries, the prefix's keys and values and the
+        probabilities to bf16, with fp32 sums). Needs the fused kernel and `pipeline.kernels.amx_attention()`."""
+        if on and not (self.fused and _kernel_amx_attention() and self.head_dim == 64):
+            raise PipelineError(
+                "set_bf16_attention: attention on AMX tiles needs our kernel on an AMX CPU (CPU kind amx) and heads "
+                "of 64 dimensions; choose precision.prefix_attention=fp32"
+            )
+        self.bf16_attention = on
+        self._bf16_pairs()
+
+    def _bf16_pairs(self) -> None:
+        """The prefix's keys as bf16 pairs of dimensions ([kv_heads, head_dim/2, P32, 2]) and its values as pairs
+        of keys ([kv_heads, P32/2, head_dim, 2]), padded with zero keys: what the AMX tiles load."""
+        self.prefix_kb, self.prefix_vb = [], []
+        if not (self.bf16_attention and self.prefix):
+            return
+        pad = -len(self.prefix) % 32
+        for k, v in zip(self.prefix_k, self.prefix_v):
+            heads, width, dim = k.shape
+            k32, v32 = F.pad(k, (0, 0, 0, pad)).to(torch.bfloat16), F.pad(v, (0, 0, 0, pad)).to(torch.bfloat16)
+            self.prefix_kb.append(k32.view(heads, width + pad, dim // 2, 2).permute(0, 2, 1, 3).contiguous())
+            self.prefix_vb.append(v32.view(heads, (width + pad) // 2, 2, dim).permute(0, 1, 3, 2).contiguous())
 
     def prefix_state(self) -> dict[str, torch.Tensor]:
         """The shared prefix's keys and values, to be given back to `set_prefix` by a later process."""
@@ -668,6 +705,8 @@ class Engine:
                 layer.attn_norm, layer.mlp_norm, self.eps, self.num_heads, layer.packed, self.int8_x,
                 self.max_kernel_rows, self.prefix_kt[i] if width else None, self.prefix_v[i] if width else None,
                 shared, self.tile_rows, self.tile_split,
+                self.prefix_kb[i] if width and self.prefix_kb else None,
+                self.prefix_vb[i] if width and self.prefix_vb else None,
             )  # fmt: skip
         return h
 

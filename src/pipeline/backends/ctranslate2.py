@@ -33,6 +33,7 @@ LOGPROB_ROWS = 4
 IGNORED = [
     ("precision.name", "auto", f"it computes with its own {COMPUTE_TYPE} weights"),
     ("precision.activations", "auto", "it quantizes activations to int8 itself"),
+    ("precision.prefix_attention", "auto", "it runs its own attention"),
     ("attention.implementation", "sdpa", "it uses its own attention kernel"),
     ("runtime.compile", "off", "its kernels are compiled C++ already"),
     ("generation.cache_implementation", "dynamic", "it keeps its own KV cache"),

@@ -35,8 +35,12 @@ class TransformersBackend(Generator):
                 f"backend=transformers ignores precision.activations={cfg.precision.activations} "
                 "(it is the engine's single-row decoding option; backend=engine applies it)"
             )
-        for key, value, default in (("generation.jump_forward", cfg.generation.jump_forward, None),
-                                    ("precision.gemm", cfg.precision.gemm, "auto")):  # fmt: skip
+        engine_only = (
+            ("generation.jump_forward", cfg.generation.jump_forward, None),
+            ("precision.gemm", cfg.precision.gemm, "auto"),
+            ("precision.prefix_attention", cfg.precision.prefix_attention, "auto"),
+        )
+        for key, value, default in engine_only:
             if value not in (default, False):
                 self.warnings.append(f"backend=transformers ignores {key}={value} (an option of backend=engine)")
         if device.type == "cpu" and dtype == torch.float16:

@@ -37,6 +37,7 @@ BATCH_TOKENS = 2048  # tokens one llama_decode call may carry (llama.cpp splits 
 IGNORED = [
     ("precision.name", "auto", "it computes with the GGUF file's own quantized weights"),
     ("precision.activations", "auto", "it quantizes activations to 8 bits by itself"),
+    ("precision.prefix_attention", "auto", "it runs its own attention"),
     ("attention.implementation", "sdpa", "it uses its own attention kernel"),
     ("runtime.compile", "off", "its kernels are compiled C++ already"),
     ("generation.cache_implementation", "dynamic", "it keeps its own KV cache"),

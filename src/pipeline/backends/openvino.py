@@ -45,6 +45,7 @@ MAX_PATHS = 256  # a constraint with more texts than this is applied as free dec
 IGNORED = [
     ("precision.name", "auto", "it computes with int8-compressed weights and the CPU plugin's inference precision"),
     ("precision.activations", "auto", "the CPU plugin picks its activation precision"),
+    ("precision.prefix_attention", "auto", "it runs its own attention"),
     ("attention.implementation", "sdpa", "it uses its own paged attention"),
     ("runtime.compile", "off", "the CPU plugin compiles the IR itself"),
     ("generation.cache_implementation", "dynamic", "it keeps its own paged KV cache"),

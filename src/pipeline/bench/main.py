@@ -62,7 +62,7 @@ def plan(only: list[str] | None) -> list[str]:
 def _choices(sample: Sample) -> str:
     tags = sample.results.get("tags", {})
     keys = ("backend", "weight_format", "activations", "engine_kernel_rows", "tiles", "tile_rows", "gemm",
-            "jump_forward", "kernel")  # fmt: skip
+            "prefix_attention", "jump_forward", "kernel")  # fmt: skip
     return ", ".join(f"{key} {tags[key]}" for key in keys if key in tags)
 
 

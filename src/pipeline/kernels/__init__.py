@@ -282,6 +282,17 @@ def ops():
     return getattr(torch.ops, f"pipeline_{current_isa}")
 
 
+def amx_attention() -> bool:
+    """Whether the shared prefix's attention can run on AMX bf16 tiles: the kind in force is `amx` (not simulated)
+    and the build in use has them and was given the tiles by Linux (decoder_layer's prefix_kb/prefix_vb)."""
+    from pipeline import cpu
+
+    kind = cpu.current()
+    if kind.kind != "amx" or kind.simulated or not available():
+        return False
+    return bool(ops().amx_attention())
+
+
 def describe() -> str:
     """One line for logs and tags: the build in use, or why there is none."""
     current_isa, state = _current()

@@ -24,6 +24,8 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 // With torch's OpenMP build, at::parallel_for is a header template around `#pragma omp parallel`:
 // compiled without -fopenmp it quietly runs on one thread.
@@ -33,6 +35,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -1162,6 +1165,166 @@ void attend_prefix_block(const float* const* q, int64_t nq, const int64_t* lengt
   }
 }
 
+// ---- the prefix's part of many queries on AMX bf16 tiles (avx512vnni build, CPUs with amx_bf16)
+//
+// On AMX, oneDNN does the bf16 products of a 522-row prefill at 1.2-2.3 TFLOP/s and the fp32 register tiles
+// above take the prefix's attention at the FMA rate (0.2-0.34 TFLOP/s measured): that attention became the
+// largest part of the batched stage's prefill. Here both products of a block of up to 16 queries run on
+// tiles (tdpbf16ps, fp32 sums): the scores against the prefix's keys as bf16 pairs ([D/2, P32, 2]: row k of a
+// key tile holds dimensions 2k, 2k + 1 of 16 keys), and the weighted values against the values as bf16
+// pairs ([P32/2, D, 2]: row k holds keys 2k, 2k + 1 of 16 dimensions). q, the probabilities and the values
+// are rounded to bf16 (the rows' own keys and the softmax stay fp32): the run's KLD against fp32 says what
+// that costs, and precision.gemm=fp32 turns it off with the bf16 products.
+#if defined(__AVX512VNNI__)
+#define PIPELINE_AMX_ATTENTION 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl")))
+
+// Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); it
+// refuses where the CPU or kernel has no AMX.
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kAmxQueries = 16;  // queries a tile's rows hold
+// calls with fewer rows reading the prefix take the fp32 tiles: a single prompt's prefill (15-20 rows) measured
+// no faster on AMX (single stage 1.89-1.92 s against 1.82-2.14, AMX Xeon) and its KLD rose 2.7e-5 -> 3.4e-5;
+// a one-row step's 3 queries would fill 3 of 16 tile rows
+constexpr int64_t kAmxMinRows = 24;
+
+// tiles 0-3: fp32 sums of 16 queries (scores of two blocks of 16 keys, or the outputs' four blocks of 16
+// dimensions); 2, 3: the queries' bf16 dimensions 0-31, 32-63 (scores); 6: 32 probabilities of each query
+// (values); 4, 5, 7: bf16 pairs of keys or values. Set before each block: oneDNN loads its own configuration.
+AMX_TARGET void configure_attention_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// fp32 -> bf16, rounded to nearest even, n a multiple of 16
+AMX_TARGET void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+}
+
+// attend_prefix_block with the prefix's products on tiles; kb, vb: the prefix's keys and values as bf16 pairs
+// of one key/value head (above). D must be 64 (SmolLM2, Llama's 64-dimension heads).
+AMX_TARGET void attend_prefix_block_amx(const float* const* q, int64_t nq, const int64_t* lengths,
+                                        const uint16_t* kb, const uint16_t* vb, int64_t P, int64_t P32,
+                                        const float* const* keys, const float* const* values, int64_t D,
+                                        float* scores, int64_t stride, float* const* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  alignas(64) uint16_t qb[kAmxQueries * 64];
+  alignas(64) float ob[kAmxQueries * 64];
+  // not cleared: a tile row's sums depend on its own row of queries or probabilities only, and rows past n are
+  // not read back; the probabilities' padding keys are set to 0 below (the values' padding is 0, but 0 times
+  // a stale NaN is not)
+  std::unique_ptr<uint16_t[]> pb(new uint16_t[kAmxQueries * P32]);
+  std::unique_ptr<float[]> sb(new float[kAmxQueries * P32]);
+  configure_attention_tiles();
+  for (int64_t b0 = 0; b0 < nq; b0 += kAmxQueries) {
+    const int64_t n = std::min<int64_t>(kAmxQueries, nq - b0);
+    std::fill(qb, qb + kAmxQueries * 64, 0);
+    for (int64_t i = 0; i < n; ++i) to_bf16(q[b0 + i], 64, qb + i * 64);
+    // scores of the prefix's keys, 32 at a time
+    _tile_loadd(2, qb, 128);
+    _tile_loadd(3, qb + 32, 128);
+    for (int64_t j = 0; j < P32; j += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(4, kb + j * 2, P32 * 4);
+      _tile_loadd(5, kb + (16 * P32 + j) * 2, P32 * 4);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_loadd(7, kb + (j + 16) * 2, P32 * 4);
+      _tile_dpbf16ps(0, 3, 5);
+      _tile_loadd(5, kb + (16 * P32 + j + 16) * 2, P32 * 4);
+      _tile_dpbf16ps(1, 2, 7);
+      _tile_dpbf16ps(1, 3, 5);
+      _tile_stored(0, sb.get() + j, P32 * 4);
+      _tile_stored(1, sb.get() + j + 16, P32 * 4);
+    }
+    // each query's scores scaled, its own keys, the softmax's exponentials (the sum kept), its own values
+    float inv[kAmxQueries];
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < n; ++i) {
+      float* s = scores + (b0 + i) * stride;
+      const float* raw = sb.get() + i * P32;
+      // scaled, and their largest over the prefix's P keys (the padding's scores are not keys)
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < P32; j += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(raw + j), sc);
+        _mm512_storeu_ps(s + j, v);
+        const __mmask16 keys_here = P - j >= 16 ? 0xFFFF : (P > j ? (1u << (P - j)) - 1 : 0);
+        top = _mm512_mask_max_ps(top, keys_here, top, v);
+      }
+      const int64_t length = lengths[b0 + i];
+      dot_keys(q[b0 + i], keys[b0 + i], P, length, D, scale, s);
+      const float most = max_of(s + P, length - P, _mm512_reduce_max_ps(top));
+      inv[i] = 1.f / exp_in_place(s, length, most);
+      weigh_values(s, values[b0 + i], P, length, D, 1.f, false, out[b0 + i]);
+      // the prefix's probabilities in bf16; keys P .. P32 stay 0 (the values' padding is 0 too)
+      uint16_t* p = pb.get() + i * P32;
+      int64_t j = 0;
+      for (; j + 16 <= P; j += 16) to_bf16(s + j, 16, p + j);
+      for (; j < P; ++j) {
+        uint32_t bits;
+        std::memcpy(&bits, s + j, 4);
+        p[j] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+      }
+      std::fill(p + P, p + P32, 0);
+    }
+    // the prefix's weighted values: 32 keys at a time into four blocks of 16 dimensions
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t j = 0; j < P32; j += 32) {
+      const uint16_t* v = vb + (j / 2) * D * 2;
+      _tile_loadd(6, pb.get() + j, P32 * 2);
+      _tile_loadd(4, v, D * 4);
+      _tile_loadd(5, v + 32, D * 4);
+      _tile_dpbf16ps(0, 6, 4);
+      _tile_loadd(7, v + 64, D * 4);
+      _tile_dpbf16ps(1, 6, 5);
+      _tile_loadd(4, v + 96, D * 4);
+      _tile_dpbf16ps(2, 6, 7);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+    _tile_stored(0, ob, 256);
+    _tile_stored(1, ob + 16, 256);
+    _tile_stored(2, ob + 32, 256);
+    _tile_stored(3, ob + 48, 256);
+    for (int64_t i = 0; i < n; ++i) {
+      const __m512 iv = _mm512_set1_ps(inv[i]);
+      float* o = out[b0 + i];
+      for (int64_t d = 0; d < 64; d += 16)
+        _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(o + d), _mm512_loadu_ps(ob + i * 64 + d)), iv));
+    }
+  }
+  _tile_release();
+}
+#endif
+
+bool amx_attention() {
+#if defined(PIPELINE_AMX_ATTENTION)
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 // Scratch memory a thread's layer calls reuse, grown to the largest call and never cleared. Four zeroed
 // std::vectors a call were 13 MB to allocate and clear per layer of a 522-row prefill, on the calling thread
 // while the other waited: memset and malloc were 7% of the main thread's samples in the batched stage (AMX
@@ -1192,7 +1355,8 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
                    const at::Tensor& attn_norm, const at::Tensor& mlp_norm, double eps, int64_t heads,
                    at::TensorList weight_list, bool int8_x, int64_t gemm_above,
                    const std::optional<at::Tensor>& prefix_kt, const std::optional<at::Tensor>& prefix_v,
-                   const std::optional<at::Tensor>& shared, int64_t tile_rows, bool tile_split) {
+                   const std::optional<at::Tensor>& shared, int64_t tile_rows, bool tile_split,
+                   const std::optional<at::Tensor>& prefix_kb, const std::optional<at::Tensor>& prefix_vb) {
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
               "decoder_layer: h must be contiguous float32 [M, hidden]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
@@ -1235,7 +1399,22 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       TORCH_CHECK(row_shared[r] == 0 || (row_shared[r] == width && ps[r] >= width), "decoder_layer: row ", r,
                   " at position ", ps[r], " cannot read ", row_shared[r], " keys of a prefix of ", width);
   }
+  // the prefix's keys and values as bf16 pairs, for its products on AMX tiles (attend_prefix_block_amx)
+  const bool amx = has_prefix && prefix_kb.has_value() && prefix_kb->numel() > 0;
+  if (amx) {
+    TORCH_CHECK(amx_attention(), "decoder_layer: prefix_kb asks for attention on AMX tiles, which this build or CPU "
+                "does not have (pipeline.kernels.amx_attention() says whether it does)");
+    TORCH_CHECK(D == 64, "decoder_layer: attention on AMX tiles takes heads of 64 dimensions, not ", D);
+    TORCH_CHECK(prefix_vb.has_value() && prefix_kb->scalar_type() == at::kBFloat16 && prefix_kb->is_contiguous() &&
+                    prefix_kb->sizes() == at::IntArrayRef({kv_heads, D / 2, width32, 2}) &&
+                    prefix_vb->scalar_type() == at::kBFloat16 && prefix_vb->is_contiguous() &&
+                    prefix_vb->sizes() == at::IntArrayRef({kv_heads, width32 / 2, D, 2}),
+                "decoder_layer: the prefix's bf16 pairs must be contiguous bfloat16 [kv_heads, head_dim/2, P32, 2] "
+                "(keys) and [kv_heads, P32/2, head_dim, 2] (values)");
+  }
   if (M == 0) return;
+  const uint16_t* pkb = amx ? reinterpret_cast<const uint16_t*>(prefix_kb->data_ptr<at::BFloat16>()) : nullptr;
+  const uint16_t* pvb = amx ? reinterpret_cast<const uint16_t*>(prefix_vb->data_ptr<at::BFloat16>()) : nullptr;
   const float* pkc = has_prefix ? prefix_kt->data_ptr<float>() : nullptr;
   const float* pvc = has_prefix ? prefix_v->data_ptr<float>() : nullptr;
 
@@ -1325,6 +1504,13 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
           }
         }
         scores.resize(q.size() * stride);
+#if defined(PIPELINE_AMX_ATTENTION)
+        if (amx && sharing >= kAmxMinRows) {
+          attend_prefix_block_amx(q.data(), q.size(), lengths.data(), pkb + g * D * width32, pvb + g * width32 * D,
+                                  width, width32, keys.data(), values.data(), D, scores.data(), stride, out.data());
+          continue;
+        }
+#endif
         attend_prefix_block(q.data(), q.size(), lengths.data(), pkc + g * D * width32, width, width32,
                             pvc + g * width * D, keys.data(), values.data(), D, scores.data(), stride, out.data());
         continue;
@@ -1383,7 +1569,8 @@ PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
       "decoder_layer(Tensor(a!) h, Tensor slots, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
       "Tensor rotations, Tensor attn_norm, Tensor mlp_norm, float eps, int heads, Tensor[] weights, "
       "bool int8_x=False, int gemm_above=9223372036854775807, Tensor? prefix_kt=None, Tensor? prefix_v=None, "
-      "Tensor? shared=None, int tile_rows=0, bool tile_split=True) -> ()");
+      "Tensor? shared=None, int tile_rows=0, bool tile_split=True, Tensor? prefix_kb=None, Tensor? prefix_vb=None) -> ()");
+  m.def("amx_attention() -> bool", &amx_attention);
 }
 
 PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
