@@ -329,14 +329,25 @@ def test_fused_layer_kernel_equals_the_eager_layers(tiny, fmt, kernel_rows, gemm
     once, the eager path the same weights through torch.ops.mkldnn; bf16-plain: a plain bf16 matrix, as on a
     CPU where oneDNN's bf16 linear does not run), 2-row steps the q4 kernel.
     """
-    import pipeline.engine
-
-    if gemm == "bf16-plain":
-        monkeypatch.setattr(pipeline.engine, "onednn_bf16", lambda: False)
     from pipeline import kernels
 
     if not kernels.available():
         pytest.skip(f"the fused kernel needs the AVX2 extension: {kernels.unavailable_reason()}")
+    _fused_equals_eager(tiny, fmt, kernel_rows, gemm, monkeypatch)
+
+
+@pytest.mark.parametrize("gemm", ["bf16", "bf16-plain"])
+def test_every_build_s_bf16_gemm_rows_equal_the_eager_layers(tiny, built, gemm, monkeypatch):
+    """Each build (AVX2's scalar conversions too) writes the bf16 GEMM's input rows and reads its output rows
+    itself: a wrong row, offset or rounding there shows against the eager layers (torch's own conversions)."""
+    _fused_equals_eager(tiny, "q4", 2, gemm, monkeypatch)
+
+
+def _fused_equals_eager(tiny, fmt, kernel_rows, gemm, monkeypatch):
+    import pipeline.engine
+
+    if gemm == "bf16-plain":
+        monkeypatch.setattr(pipeline.engine, "onednn_bf16", lambda: False)
     tokenizer = tiny.tokenizer
     prompts = [_chat(tokenizer, item.question) for item in load_items()[:5]]
     stopper = StopTokens(tokenizer, None, eos_ids=[])

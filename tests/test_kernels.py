@@ -279,6 +279,22 @@ def test_each_build_gives_the_same_int8_dot_products(built):
         assert ((op(x, *weights, int8_x=True) - rounded).abs().max() / scale) < 2e-6
 
 
+def test_each_build_rounds_to_bf16_with_torch_s_bits(built):
+    """The fused layer writes the bf16 GEMM's inputs itself (round_to_bf16): the bits must be torch's `x.to(bf16)`,
+    which the layer's conversion replaced, on ties (to even, up and down), denormals (vcvtneps2bf16 would flush
+    them), infinities, overflow to infinity, signed zeros, and a length that leaves a scalar tail."""
+    generator = torch.Generator().manual_seed(5)
+    bits = torch.randint(0, 2**31, (4099,), generator=generator, dtype=torch.int64)
+    bits[:8] = torch.tensor([0x3F808000, 0x3F818000, 0x00018000, 0x007FFFFF, 0x7F7FFFFF, 0x7F800000, 0, 0x3F800001])
+    values = bits.to(torch.int32).view(torch.float32)
+    values = torch.cat([values, -values, torch.randn(1000, generator=generator)])
+    got = built.round_bf16(values).view(torch.int16)
+    assert torch.equal(got, values.to(torch.bfloat16).view(torch.int16))
+    assert got[0] == 0x3F80 and got[1] == 0x3F82 and got[2] == 0x0002  # ties to even, both ways; a denormal kept
+    nan = built.round_bf16(torch.tensor([float("nan")] * 17)).float()
+    assert nan.isnan().all()
+
+
 def test_fake_implementations_let_torch_compile_trace_the_ops(built):
     q4 = kernels.quantize_q4(torch.randn(64, 64))
     q8 = kernels.quantize_q8(torch.randn(40, 64))

@@ -225,6 +225,10 @@ def _register_fakes(isa: str) -> None:
     def _(x, tiles, split=False):
         return x.new_empty((*x.shape[:-1], tiles.shape[0] * TILE_OUTPUTS))
 
+    @torch.library.register_fake(f"{ns}::round_bf16")
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.bfloat16)
+
     @torch.library.register_fake(f"{ns}::decoder_layer")
     def _(*args, **kwargs):  # updates h and the caches in place, returns nothing
         return None

@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -748,21 +749,28 @@ struct Packed {
   int64_t N = 0, K = 0, gemm_above = 0, tile_rows = 0;
   bool split = true;
 
+  // whether M rows go to the bf16 GEMM (oneDNN-packed or plain bf16 weights): its operands are then bf16 rows,
+  // which the layer's row loops write and read themselves (gemm_bf16) instead of a conversion pass each way
+  bool bf16_gemm(int64_t M) const {
+    return M > gemm_above && !(M <= tile_rows && tiles.defined() && tiles.numel()) &&
+           wt.scalar_type() == at::kBFloat16;
+  }
+
+  // the bf16 GEMM of M bf16 rows [M, K]: bf16 [M, N]
+  at::Tensor gemm_bf16(const uint16_t* x, int64_t M) const {
+    const at::Tensor in = at::from_blob(const_cast<uint16_t*>(x), {M, K}, at::kBFloat16);
+    return wt.is_mkldnn() ? onednn_linear(in, wt) : at::mm(in, wt);
+  }
+
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
     if (M > gemm_above && M <= tile_rows && tiles.defined() && tiles.numel()) {  // q8 matrices have no tiles
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       gemm_i8(tiles.data_ptr<uint8_t>(), x, M, N, K, y, split);  // q4 tiles, int8 activations (calibrated)
 #endif
-    } else if (M > gemm_above) {
+    } else if (M > gemm_above) {  // fp32 GEMM; bf16 weights take gemm_bf16 (bf16_gemm says when)
+      TORCH_CHECK(wt.scalar_type() == at::kFloat, "decoder_layer: bf16 GEMM weights take gemm_bf16, not apply");
       at::Tensor out = at::from_blob(y, {M, N}, at::kFloat);
-      const at::Tensor in = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat);
-      if (wt.is_mkldnn()) {
-        out.copy_(onednn_linear(in.to(at::kBFloat16), wt));  // bf16 GEMM on weights packed once for oneDNN
-      } else if (wt.scalar_type() == at::kBFloat16) {
-        out.copy_(at::mm(in.to(at::kBFloat16), wt));  // bf16 GEMM where the CPU does it natively (calibrated)
-      } else {
-        at::mm_out(out, in, wt);
-      }
+      at::mm_out(out, at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat), wt);
     } else if (m.defined()) {
       const Q4Weights w{q.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), K, K / kBlock};
       run(w, x, M, N, K, y, 0.5 + 8.0 / kBlock, int8_x);
@@ -830,6 +838,35 @@ void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, double 
     for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
     for (int64_t i = 0; i < H; ++i) y[r * H + i] = xr[i] * inv * w[i];
+  }
+}
+
+// Rotary embedding of `count` heads of D dimensions in `row`: each (even, odd) pair (a, b) becomes
+// (a c - b s, a s + b c) for the pair's (cos, sin) in cs ([D / 2, 2]). Products rounded, then added, as the scalar
+// loop this replaced (one row of a 522-row prefill took 1.6 us a thread there, a modulo per pair): the same bits.
+void rotate_heads(float* row, int64_t count, const float* cs, int64_t D) {
+  for (int64_t h = 0; h < count; ++h) {
+    float* v = row + h * D;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= D; j += 16) {
+      const __m512 x = _mm512_loadu_ps(v + j), t = _mm512_loadu_ps(cs + j);
+      const __m512 p = _mm512_mul_ps(x, _mm512_moveldup_ps(t));                         // a c, b c
+      const __m512 q = _mm512_mul_ps(_mm512_permute_ps(x, 0xB1), _mm512_movehdup_ps(t));  // b s, a s
+      _mm512_storeu_ps(v + j, _mm512_mask_sub_ps(_mm512_add_ps(p, q), 0x5555, p, q));
+    }
+#endif
+    for (; j + 8 <= D; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j), t = _mm256_loadu_ps(cs + j);
+      const __m256 p = _mm256_mul_ps(x, _mm256_moveldup_ps(t));
+      const __m256 q = _mm256_mul_ps(_mm256_permute_ps(x, 0xB1), _mm256_movehdup_ps(t));
+      _mm256_storeu_ps(v + j, _mm256_addsub_ps(p, q));
+    }
+    for (; j < D; j += 2) {
+      const float c = cs[j], s = cs[j + 1], a = v[j], b = v[j + 1];
+      v[j] = a * c - b * s;
+      v[j + 1] = a * s + b * c;
+    }
   }
 }
 
@@ -1165,6 +1202,67 @@ void attend_prefix_block(const float* const* q, int64_t nq, const int64_t* lengt
   }
 }
 
+// ---- fp32 <-> bf16 rows, for the bf16 GEMM's operands and the AMX tiles
+//
+// Rounded to nearest even with integer operations, as torch's vectorized conversion does (NaN becomes
+// 0xFFFF, denormals are kept), so that rows converted here hold the bits `x.to(torch.bfloat16)` gives:
+// vcvtneps2bf16 would treat denormal inputs as zero. bf16 -> fp32 is exact (the bits shifted up).
+inline uint16_t bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if (std::isnan(x)) return 0xFFFF;
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float bf16_value(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, 4);
+  return x;
+}
+
+#if defined(__AVX512F__)
+// 16 floats to bf16 at out (bf16_bits in every lane)
+inline void round16(__m512 v, uint16_t* out) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0xFFFF));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(r));
+}
+
+// 16 bf16 values as floats
+inline __m512 widen16(const uint16_t* b) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#endif
+
+void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) round16(_mm512_loadu_ps(x + i), out + i);
+#endif
+  for (; i < n; ++i) out[i] = bf16_bits(x[i]);
+}
+
+void widen_bf16(const uint16_t* b, int64_t n, float* out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, widen16(b + i));
+#endif
+  for (; i < n; ++i) out[i] = bf16_value(b[i]);
+}
+
+// x[0..n) += the bf16 values y[0..n): a residual add straight from the bf16 GEMM's output
+void add_bf16(float* x, const uint16_t* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), widen16(y + i)));
+#endif
+  for (; i < n; ++i) x[i] += bf16_value(y[i]);
+}
+
 // ---- the prefix's part of many queries on AMX bf16 tiles (avx512vnni build, CPUs with amx_bf16)
 //
 // On AMX, oneDNN does the bf16 products of a 522-row prefill at 1.2-2.3 TFLOP/s and the fp32 register tiles
@@ -1278,11 +1376,7 @@ AMX_TARGET void attend_prefix_block_amx(const float* const* q, int64_t nq, const
       uint16_t* p = pb.get() + i * P32;
       int64_t j = 0;
       for (; j + 16 <= P; j += 16) to_bf16(s + j, 16, p + j);
-      for (; j < P; ++j) {
-        uint32_t bits;
-        std::memcpy(&bits, s + j, 4);
-        p[j] = static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-      }
+      for (; j < P; ++j) p[j] = bf16_bits(s[j]);
       std::fill(p + P, p + P32, 0);
     }
     // the prefix's weighted values: 32 keys at a time into four blocks of 16 dimensions
@@ -1329,18 +1423,27 @@ bool amx_attention() {
 // std::vectors a call were 13 MB to allocate and clear per layer of a 522-row prefill, on the calling thread
 // while the other waited: memset and malloc were 7% of the main thread's samples in the batched stage (AMX
 // Xeon, perf).
+// Aligned to 64 bytes, as torch's own allocations are: oneDNN reads the bf16 GEMM's input rows from here, and the
+// rows of SmolLM2's matrices are whole cache lines, so each row starts on one.
+template <typename T>
 struct Scratch {
-  std::unique_ptr<float[]> data;
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data;
   int64_t size = 0;
-  float* get(int64_t n) {
+  T* get(int64_t n) {
     if (n > size) {
-      data.reset(new float[n]);  // uninitialized: every user writes before it reads
+      const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+      data.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));  // uninitialized: every user writes first
+      TORCH_CHECK(data, "decoder_layer: no memory for ", bytes, " bytes of scratch rows");
       size = n;
     }
     return data.get();
   }
 };
-thread_local Scratch layer_scratch;
+thread_local Scratch<float> layer_scratch;
+thread_local Scratch<uint16_t> layer_scratch_bf16;  // the bf16 GEMM's input rows
 
 // h [M, hidden] += attention(norm(h)); h += mlp(norm(h)), for M rows that each sit in cache slot
 // slots[r] at position positions[r]. All rows' keys and values are written to the cache before any row
@@ -1436,6 +1539,20 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   float* const mixed = normed + M * std::max(H, I);
   float* const attended = mixed + M * QKV;
   float* const projected = attended + M * H;
+  // A product that takes the bf16 GEMM (a prefill, a batched step past the tiles) gets its input rows in bf16
+  // from the loop before it, and the loop after it reads its bf16 output: torch's conversions, a pass over the
+  // rows and an allocation each way, were 9% of the batched stage (AMX Xeon, torch.profiler). Same bits.
+  const bool qkv_b = qkv.bf16_gemm(M), o_b = o.bf16_gemm(M), gate_up_b = gate_up.bf16_gemm(M),
+             down_b = down.bf16_gemm(M);
+  uint16_t* const normed_b =
+      qkv_b || o_b || gate_up_b || down_b ? layer_scratch_bf16.get(M * (std::max(H, I) + H)) : nullptr;
+  uint16_t* const attended_b = normed_b ? normed_b + M * std::max(H, I) : nullptr;
+  const auto bf16_out = [M](const at::Tensor& y, int64_t N) {
+    TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.sizes() == at::IntArrayRef({M, N}),
+                "decoder_layer: the bf16 GEMM gave ", y.scalar_type(), " ", y.sizes(), ", not contiguous bf16 [", M,
+                ", ", N, "]");
+    return reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
+  };
   const float* rot = rotations.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
@@ -1447,16 +1564,20 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       for (int64_t r = begin; r < end; ++r) body(r);
     });
   };
-  by_rows([&](int64_t r) { rms_norm_rows(x + r * H, attn_norm.data_ptr<float>(), 1, H, eps, normed + r * H); });
-  qkv.apply(normed, M, mixed, int8_x);
+  by_rows([&](int64_t r) {
+    rms_norm_rows(x + r * H, attn_norm.data_ptr<float>(), 1, H, eps, normed + r * H);
+    if (qkv_b) round_to_bf16(normed + r * H, H, normed_b + r * H);
+  });
+  at::Tensor qkv_y;
+  if (qkv_b)
+    qkv_y = qkv.gemm_bf16(normed_b, M);
+  else
+    qkv.apply(normed, M, mixed, int8_x);
+  const uint16_t* qkv_rows = qkv_b ? bf16_out(qkv_y, QKV) : nullptr;
   by_rows([&](int64_t r) {
     float* row = mixed + r * QKV;
-    const float* cs = rot + ps[r] * D;  // (cos, sin) pairs
-    for (int64_t j = 0; j < (heads + kv_heads) * D; j += 2) {
-      const float c = cs[j % D], s = cs[j % D + 1], a = row[j], b = row[j + 1];
-      row[j] = a * c - b * s;
-      row[j + 1] = a * s + b * c;
-    }
+    if (qkv_rows) widen_bf16(qkv_rows + r * QKV, QKV, row);
+    rotate_heads(row, heads + kv_heads, rot + ps[r] * D, D);
     for (int64_t g = 0; g < kv_heads; ++g) {
       const int64_t at_ = ((sl[r] * kv_heads + g) * capacity + ps[r]) * D;
       std::copy_n(row + (heads + g) * D, D, kc + at_);
@@ -1504,46 +1625,93 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
           }
         }
         scores.resize(q.size() * stride);
+        bool done = false;
 #if defined(PIPELINE_AMX_ATTENTION)
         if (amx && sharing >= kAmxMinRows) {
           attend_prefix_block_amx(q.data(), q.size(), lengths.data(), pkb + g * D * width32, pvb + g * width32 * D,
                                   width, width32, keys.data(), values.data(), D, scores.data(), stride, out.data());
-          continue;
+          done = true;
         }
 #endif
-        attend_prefix_block(q.data(), q.size(), lengths.data(), pkc + g * D * width32, width, width32,
-                            pvc + g * width * D, keys.data(), values.data(), D, scores.data(), stride, out.data());
+        if (!done)
+          attend_prefix_block(q.data(), q.size(), lengths.data(), pkc + g * D * width32, width, width32,
+                              pvc + g * width * D, keys.data(), values.data(), D, scores.data(), stride, out.data());
+        if (o_b)  // the o product's input, while the task's outputs are in L1
+          for (float* y : out) round_to_bf16(y, D, attended_b + (y - attended));
         continue;
       }
       const int64_t r = without[(t - block_tasks) / kv_heads], g = (t - block_tasks) % kv_heads, length = ps[r] + 1;
       scores.resize(length);
       const int64_t base = (sl[r] * kv_heads + g) * capacity * D;
-      attend(mixed + r * QKV + g * groups * D, kc + base, vc + base, length, groups, D, scores.data(),
-             attended + r * H + g * groups * D);
+      float* y = attended + r * H + g * groups * D;
+      attend(mixed + r * QKV + g * groups * D, kc + base, vc + base, length, groups, D, scores.data(), y);
+      if (o_b) round_to_bf16(y, groups * D, attended_b + (y - attended));
     }
   });
-  o.apply(attended, M, normed, int8_x);
+  at::Tensor o_y;
+  if (o_b)
+    o_y = o.gemm_bf16(attended_b, M);
+  else
+    o.apply(attended, M, normed, int8_x);
+  const uint16_t* o_rows = o_b ? bf16_out(o_y, H) : nullptr;
   by_rows([&](int64_t r) {
-    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += normed[j];
+    if (o_rows)
+      add_bf16(x + r * H, o_rows + r * H, H);
+    else
+      for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += normed[j];
     rms_norm_rows(x + r * H, mlp_norm.data_ptr<float>(), 1, H, eps, normed + r * H);
+    if (gate_up_b) round_to_bf16(normed + r * H, H, normed_b + r * H);
   });
 
   // MLP
-  gate_up.apply(normed, M, projected, int8_x);
+  at::Tensor gate_up_y;
+  if (gate_up_b)
+    gate_up_y = gate_up.gemm_bf16(normed_b, M);
+  else
+    gate_up.apply(normed, M, projected, int8_x);
+  const uint16_t* gate_up_rows = gate_up_b ? bf16_out(gate_up_y, 2 * I) : nullptr;
   by_rows([&](int64_t r) {
-    const float* gate = projected + r * 2 * I;
+#if defined(__AVX512F__)
+    if (gate_up_rows && down_b && I % 16 == 0) {  // bf16 in and out, in registers: the same bits as below
+      const uint16_t* gate = gate_up_rows + r * 2 * I;
+      for (int64_t j = 0; j < I; j += 16) {
+        const __m512 g = widen16(gate + j);
+        const __m512 sig = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+        round16(_mm512_mul_ps(_mm512_div_ps(g, sig), widen16(gate + I + j)), normed_b + r * I + j);
+      }
+      return;
+    }
+#endif
+    float* gate = projected + r * 2 * I;
+    if (gate_up_rows) widen_bf16(gate_up_rows + r * 2 * I, 2 * I, gate);
     float* act = normed + r * I;
     int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= I; j += 16) {  // the same bits as the 8 lanes below: exp16 is exp8 16 lanes wide
+      const __m512 g = _mm512_loadu_ps(gate + j);
+      const __m512 sig = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+      _mm512_storeu_ps(act + j, _mm512_mul_ps(_mm512_div_ps(g, sig), _mm512_loadu_ps(gate + I + j)));
+    }
+#endif
     for (; j + 8 <= I; j += 8) {  // silu(gate) * up
       const __m256 g = _mm256_loadu_ps(gate + j);
       const __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
       _mm256_storeu_ps(act + j, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(gate + I + j)));
     }
     for (; j < I; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * gate[I + j];
+    if (down_b) round_to_bf16(act, I, normed_b + r * I);
   });
-  down.apply(normed, M, attended, int8_x);
+  at::Tensor down_y;
+  if (down_b)
+    down_y = down.gemm_bf16(normed_b, M);
+  else
+    down.apply(normed, M, attended, int8_x);
+  const uint16_t* down_rows = down_b ? bf16_out(down_y, H) : nullptr;
   by_rows([&](int64_t r) {
-    for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += attended[j];
+    if (down_rows)
+      add_bf16(x + r * H, down_rows + r * H, H);
+    else
+      for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += attended[j];
   });
 }
 
@@ -1559,6 +1727,15 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
 #define PIPELINE_LIBRARY_IMPL(ns, k, m) TORCH_LIBRARY_IMPL(ns, k, m)
 
 // A fragment, not TORCH_LIBRARY: another extension of the project may add ops to the same namespace.
+// x rounded to bf16 as the layer rounds the bf16 GEMM's inputs (round_to_bf16): the tests hold it to torch's bits
+at::Tensor round_bf16(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "round_bf16: x must be float32");
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty(in.sizes(), at::kBFloat16);
+  round_to_bf16(in.data_ptr<float>(), in.numel(), reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  return out;
+}
+
 PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, bool int8_x=False) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qweight, Tensor scales, bool int8_x=False) -> Tensor");
@@ -1571,6 +1748,7 @@ PIPELINE_LIBRARY_FRAGMENT(PIPELINE_NS, m) {
       "bool int8_x=False, int gemm_above=9223372036854775807, Tensor? prefix_kt=None, Tensor? prefix_v=None, "
       "Tensor? shared=None, int tile_rows=0, bool tile_split=True, Tensor? prefix_kb=None, Tensor? prefix_vb=None) -> ()");
   m.def("amx_attention() -> bool", &amx_attention);
+  m.def("round_bf16(Tensor x) -> Tensor");
 }
 
 PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
@@ -1579,6 +1757,7 @@ PIPELINE_LIBRARY_IMPL(PIPELINE_NS, CPU, m) {
   m.impl("q4_dequantize", &q4_dequantize);
   m.impl("q8_dequantize", &q8_dequantize);
   m.impl("q4_gemm_i8", &q4_gemm_i8);
+  m.impl("round_bf16", &round_bf16);
   m.impl("decoder_layer", &decoder_layer);
 }
 
