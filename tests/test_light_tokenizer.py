@@ -25,6 +25,9 @@ STYLES = ("tool", "instruct", "cot", "raw")
 TRICKY = [
     "", " ", "\n\n", "  two  spaces ", "<answer>6000</answer>", "3.5 µm in ft², 12 °F -> K", "<|im_end|>\n<|im_start|>",
     "x<|im_end|>y", "日本語 ümlaut naïve — “quotes”", "\t tab", "1/2 cup", "🙂 emoji", "a" * 300, "\u00a0nbsp",
+    # where the light tokenizer splits a text at its added tokens and encodes the pieces apart
+    "<|im_start|><|im_end|>", "<|im_start|>", "<|im_start", "im_end|>", "<|<|im_end|>|>", " <|im_end|> ",
+    "<reponame><repo_name>x", "a\n<|endoftext|>\n\nb ", "<|im_end|>\n", "user\n<|im_end|><|im_end|>  \n",
 ]  # fmt: skip
 
 
@@ -100,6 +103,37 @@ def test_encoding_and_decoding_equal_transformers(pair, special):
     decoded = light.batch_decode(sequences, skip_special_tokens=special)
     assert decoded == hf.batch_decode(sequences, skip_special_tokens=special)
     assert light.decode(7) == hf.decode(7)
+
+
+def test_a_tokenizer_whose_added_tokens_take_spaces_is_encoded_whole(folder, tmp_path):
+    """An added token with lstrip/rstrip takes the spaces beside it, which a piece encoded apart would keep: there
+    the light tokenizer does not split (nor under a normalizer, which sees the whole text)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    target = tmp_path / "tokenizer"
+    shutil.copytree(folder, target)
+    spec = json.loads((target / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        token["lstrip"] = token["rstrip"] = token["content"] == "<|im_end|>"
+    (target / "tokenizer.json").write_text(json.dumps(spec))
+    light, hf = LightTokenizer(target), TokenizersBackend.from_pretrained(str(target))
+    assert light._splitter is None and LightTokenizer(folder)._splitter is not None
+    for text in ["a <|im_end|> b", " <|im_end|>\n<|im_start|>user\nx", *TRICKY]:
+        assert light.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), text
+    apart = [*hf.encode("a ", add_special_tokens=False), hf.convert_tokens_to_ids("<|im_end|>"),
+             *hf.encode(" b", add_special_tokens=False)]  # fmt: skip
+    assert hf.encode("a <|im_end|> b", add_special_tokens=False) != apart  # what splitting there would give
+
+
+def test_pieces_are_encoded_once_and_their_ids_are_not_shared_out(folder):
+    light = LightTokenizer(folder)
+    prompts = shipped_prompts(light, 8)
+    first = [light.encode(p, add_special_tokens=False) for p in prompts]
+    kept = len(light._pieces)
+    again = [light.encode(p, add_special_tokens=False) for p in prompts]
+    assert again == first and len(light._pieces) == kept
+    again[0].append(-1)  # a caller's list is its own: the remembered pieces stay as they were
+    assert light.encode(prompts[0], add_special_tokens=False) == first[0]
 
 
 def _render(folder: Path, styles=STYLES) -> str:

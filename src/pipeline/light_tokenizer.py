@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import re
 from pathlib import Path
 
 # the tokenizer_config.json keys this class understands; a folder with any other key (add_bos_token,
@@ -31,6 +32,7 @@ SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
 CHAT_FILE = "chat_prompts.json"
 MAX_CHATS = 4096  # conversations remembered per tokenizer (about 1.5 KB each for the shipped prompts)
 MIRRORED = ("padding_side", "pad_token")  # settings kept the same on transformers' tokenizer once it is loaded
+PIECES_KEPT = 4096  # pieces of text between added tokens whose ids are remembered (see LightTokenizer.encode)
 
 
 def usable(folder: Path) -> bool:
@@ -55,6 +57,20 @@ def _chat_template(folder: Path, config: dict):
     return config.get("chat_template")
 
 
+def _added_token_splitter(tokenizer) -> tuple[re.Pattern, dict[str, int]] | None:
+    """What splits a text where `tokenizers` itself splits it before encoding: its added tokens, leftmost and
+    longest first, as their ids. None where pieces would not encode apart to the same ids: a normalizer, which
+    sees the whole text, or an added token that takes the spaces beside it (lstrip, rstrip) or matches only
+    whole words (single_word)."""
+    if tokenizer.normalizer is not None or getattr(tokenizer, "encode_special_tokens", False):
+        return None  # (encode_special_tokens: special tokens in the text encoded as text, not split at)
+    added = tokenizer.get_added_tokens_decoder()
+    if not added or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        return None
+    ids = {token.content: index for index, token in added.items()}
+    return re.compile("|".join(re.escape(c) for c in sorted(ids, key=len, reverse=True))), ids
+
+
 class LightTokenizer:
     """The subset of a transformers fast tokenizer the engine uses, on `tokenizers` alone (see the module)."""
 
@@ -64,6 +80,7 @@ class LightTokenizer:
         config = json.loads((folder / "tokenizer_config.json").read_text())
         self.__dict__.update(_folder=folder, _hf=None, _chats=None, _dirty=False)
         self.backend_tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.__dict__.update(_splitter=_added_token_splitter(self.backend_tokenizer), _pieces={})
         self.name_or_path = str(folder)
         self.chat_template = _chat_template(folder, config)
         self.model_max_length = config.get("model_max_length")
@@ -112,9 +129,35 @@ class LightTokenizer:
         return [self.backend_tokenizer.id_to_token(int(index)) for index in ids]
 
     def encode(self, text: str, add_special_tokens: bool = True, **kwargs) -> list[int]:
+        """The ids of `text`. Without special tokens added, piece by piece between the added tokens it holds, each
+        piece's ids remembered: `tokenizers` splits at added tokens first and encodes the pieces apart, so the ids
+        are the same, and a prompt's system text and worked examples are not encoded again for every question
+        (0.5 ms of 1433 characters per prompt, 16.6 ms a stage of 32, AMX Xeon)."""
         if kwargs:
             return self._transformers().encode(text, add_special_tokens=add_special_tokens, **kwargs)
-        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens or self._splitter is None:
+            return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        pattern, added = self._splitter
+        ids: list[int] = []
+        at = 0
+        for match in pattern.finditer(text):
+            if match.start() > at:
+                ids += self._piece(text[at : match.start()])
+            ids.append(added[match.group()])
+            at = match.end()
+        if at < len(text) or not text:
+            ids += self._piece(text[at:])
+        return ids
+
+    def _piece(self, piece: str) -> list[int]:
+        pieces = self._pieces
+        ids = pieces.get(piece)
+        if ids is None:
+            ids = self.backend_tokenizer.encode(piece, add_special_tokens=False).ids
+            if len(pieces) >= PIECES_KEPT:
+                del pieces[next(iter(pieces))]  # the oldest
+            pieces[piece] = ids
+        return ids
 
     def __call__(self, text, add_special_tokens: bool = True, **kwargs):
         """{"input_ids": ids} of a text or list of texts; with any other option (padding, tensors) transformers'."""
@@ -122,6 +165,8 @@ class LightTokenizer:
             return self._transformers()(text, add_special_tokens=add_special_tokens, **kwargs)
         if isinstance(text, str):
             return {"input_ids": self.encode(text, add_special_tokens)}
+        if not add_special_tokens and self._splitter is not None:
+            return {"input_ids": [self.encode(t, False) for t in text]}
         encodings = self.backend_tokenizer.encode_batch(text, add_special_tokens=add_special_tokens)
         return {"input_ids": [encoding.ids for encoding in encodings]}
 
@@ -200,7 +245,7 @@ class LightTokenizer:
         return self._hf
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_hf", "_folder", "_chats", "_dirty"):
+        if name.startswith("__") or name in ("_hf", "_folder", "_chats", "_dirty", "_splitter", "_pieces"):
             raise AttributeError(name)
         return getattr(self._transformers(), name)
 
