@@ -831,11 +831,39 @@ Packed next_packed(const std::vector<at::Tensor>& weights, size_t& i, int64_t K,
 // rows per thread below which row-wise loops (norms, rotary, SiLU, residual adds) stay on one thread
 constexpr int64_t kRowGrain = 16;
 
+// x's sum of squares in lanes: a scalar sum (not vectorized, its order being fixed) was a chain of H dependent
+// adds, 0.9 us a row of 576, and the norms 7% of a 522-row prefill (AMX Xeon)
+float sum_of_squares(const float* x, int64_t n) {
+  int64_t i = 0;
+  float ss = 0.f;
+#if defined(__AVX512F__)
+  __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    const __m512 u = _mm512_loadu_ps(x + i), v = _mm512_loadu_ps(x + i + 16);
+    a = _mm512_fmadd_ps(u, u, a);
+    b = _mm512_fmadd_ps(v, v, b);
+  }
+  ss = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#else
+  __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps(), c = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    const __m256 u = _mm256_loadu_ps(x + i), v = _mm256_loadu_ps(x + i + 8);
+    const __m256 s = _mm256_loadu_ps(x + i + 16), t = _mm256_loadu_ps(x + i + 24);
+    a = _mm256_fmadd_ps(u, u, a);
+    b = _mm256_fmadd_ps(v, v, b);
+    c = _mm256_fmadd_ps(s, s, c);
+    d = _mm256_fmadd_ps(t, t, d);
+  }
+  ss = hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+#endif
+  for (; i < n; ++i) ss += x[i] * x[i];
+  return ss;
+}
+
 void rms_norm_rows(const float* x, const float* w, int64_t M, int64_t H, double eps, float* y) {
   for (int64_t r = 0; r < M; ++r) {
     const float* xr = x + r * H;
-    float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    const float ss = sum_of_squares(xr, H);
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(H) + static_cast<float>(eps));
     for (int64_t i = 0; i < H; ++i) y[r * H + i] = xr[i] * inv * w[i];
   }
