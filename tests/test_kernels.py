@@ -264,6 +264,25 @@ def test_unpack_gives_the_reference_dequantization(built):
     assert torch.equal(built.q8_dequantize(*q8), kernels.dequantize_q8(*q8))
 
 
+def test_unpacking_named_rows_gives_those_rows_of_the_whole_in_their_order(built):
+    """What a constrained step scores (Linear.rows): the rows asked for, repeated or out of order, the same bits
+    as the whole matrix's; none asked, none given; a row outside the matrix is an error naming it."""
+    generator = torch.Generator().manual_seed(8)
+    q4, q8 = random_q4(96, 576, generator), random_q8(96, 576, generator)
+    for op, weights, reference in (
+        (built.q4_dequantize, q4, kernels.unpack_q4),
+        (built.q8_dequantize, q8, kernels.unpack_q8),
+    ):
+        whole = op(*weights)
+        for ids in ([5, 0, 95, 5], [17], list(range(95, -1, -1)), []):
+            rows = torch.tensor(ids, dtype=torch.long)
+            assert torch.equal(op(*weights, rows), whole[rows]), ids
+            assert torch.equal(reference(*weights, rows=rows), whole[rows]), ids
+        for bad in ([96], [-1]):
+            with pytest.raises(RuntimeError, match=f"row {bad[0]} is outside the matrix's 96 rows"):
+                op(*weights, torch.tensor(bad))
+
+
 def test_each_build_gives_the_same_int8_dot_products(built):
     """VNNI's vpdpbusd and AVX2's maddubs + madd must sum the same integers (no saturation in either)."""
     generator = torch.Generator().manual_seed(11)

@@ -130,12 +130,12 @@ class Linear:
         A constrained step scores only its allowed tokens. Gathering columns of `weight_t` touched one cache
         line per input per token; at most steps the matrix was cold. That cost 0.1-0.6 ms per choice and 12% of
         the single stage (avx512_bf16 EPYC). The packed rows lie in order, so they are gathered and unpacked
-        by the same kernel that made `weight_t` (the same bits)."""
+        by the same kernel that made `weight_t` (the same bits), which gathers them as it unpacks."""
         if self.packed:
             from pipeline import kernels
 
-            picked = [t[ids] for t in self.packed]
-            return kernels.unpack_q4(*picked) if self.fmt == "q4" else kernels.unpack_q8(*picked)
+            unpack = kernels.unpack_q4 if self.fmt == "q4" else kernels.unpack_q8
+            return unpack(*self.packed, rows=ids)
         return self.weight_t[:, ids].t()
 
     def decode_bytes(self) -> int:

@@ -214,12 +214,12 @@ def _register_fakes(isa: str) -> None:
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
     @torch.library.register_fake(f"{ns}::q4_dequantize")
-    def _(qweight, scales, mins):
-        return scales.new_empty((qweight.shape[0], 2 * qweight.shape[1]))
+    def _(qweight, scales, mins, rows=None):
+        return scales.new_empty((qweight.shape[0] if rows is None else rows.shape[0], 2 * qweight.shape[1]))
 
     @torch.library.register_fake(f"{ns}::q8_dequantize")
-    def _(qweight, scales):
-        return scales.new_empty(qweight.shape)
+    def _(qweight, scales, rows=None):
+        return scales.new_empty((qweight.shape[0] if rows is None else rows.shape[0], qweight.shape[1]))
 
     @torch.library.register_fake(f"{ns}::q4_gemm_i8")
     def _(x, tiles, split=False):
@@ -329,21 +329,26 @@ def dequantize_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
     return (q * scales[..., None] + mins[..., None]).reshape(qweight.shape[0], -1)
 
 
-def unpack_q4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def unpack_q4(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """`dequantize_q4` by our kernel where one runs (milliseconds for a model; the fp32 GEMM weights at load),
-    else the reference. Both give the same weights up to the last bit of an fma."""
+    else the reference. Both give the same weights up to the last bit of an fma. `rows`: only these weight rows,
+    in this order (gathered by the kernel as it unpacks them)."""
     namespace = _ops_for_call()
-    return (
-        namespace.q4_dequantize(qweight, scales, mins)
-        if namespace is not None
-        else dequantize_q4(qweight, scales, mins)
-    )
+    if namespace is not None:
+        return namespace.q4_dequantize(qweight, scales, mins, rows)
+    if rows is not None:
+        qweight, scales, mins = qweight[rows], scales[rows], mins[rows]
+    return dequantize_q4(qweight, scales, mins)
 
 
-def unpack_q8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """`dequantize_q8` by our kernel where one runs, else the reference."""
+def unpack_q8(qweight: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`dequantize_q8` by our kernel where one runs, else the reference; `rows` as for unpack_q4."""
     namespace = _ops_for_call()
-    return namespace.q8_dequantize(qweight, scales) if namespace is not None else dequantize_q8(qweight, scales)
+    if namespace is not None:
+        return namespace.q8_dequantize(qweight, scales, rows)
+    return dequantize_q8(qweight, scales) if rows is None else dequantize_q8(qweight[rows], scales[rows])
 
 
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
