@@ -343,14 +343,28 @@ def test_every_build_s_bf16_gemm_rows_equal_the_eager_layers(tiny, built, gemm, 
     _fused_equals_eager(tiny, "q4", 2, gemm, monkeypatch)
 
 
-def _fused_equals_eager(tiny, fmt, kernel_rows, gemm, monkeypatch):
+def test_a_bf16_gemm_of_many_rows_split_over_the_threads_equals_the_eager_layers(tiny, monkeypatch):
+    """From 128 rows (kSplitRows) a product on oneDNN-packed weights runs as one product per thread: 8 whole
+    prompts in one prefill give each thread a part, whose rows must come back in order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = _fused_equals_eager(tiny, "q4", 2, "bf16", monkeypatch, count=8, prefix=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert rows >= 128  # the prefill of all 8 prompts at once: split in two
+
+
+def _fused_equals_eager(tiny, fmt, kernel_rows, gemm, monkeypatch, count=5, prefix=True):
+    """Runs `count` prompts in as many slots (3 at most with the prefix) on both paths; the first prefill's rows."""
     import pipeline.engine
 
     if gemm == "bf16-plain":
         monkeypatch.setattr(pipeline.engine, "onednn_bf16", lambda: False)
     tokenizer = tiny.tokenizer
-    prompts = [_chat(tokenizer, item.question) for item in load_items()[:5]]
+    prompts = [_chat(tokenizer, item.question) for item in load_items()[:count]]
     stopper = StopTokens(tokenizer, None, eos_ids=[])
+    slots = 3 if prefix else count
     shared = 0
     while all(ids[shared] == prompts[0][shared] for ids in prompts):
         shared += 1
@@ -363,12 +377,13 @@ def _fused_equals_eager(tiny, fmt, kernel_rows, gemm, monkeypatch):
             assert engine.layers[0].qkv.gemm_t.is_mkldnn == (gemm == "bf16" and pipeline.engine.onednn_bf16())
         engine.fused = fused
         with torch.inference_mode():
-            engine.set_prefix(prompts[0][: shared - 4])  # the kernel prefills the rest of each prompt
-            generated = [seq.generated for seq in engine.generate(prompts, 8, stopper, slots=3)]
+            engine.set_prefix(prompts[0][: shared - 4] if prefix else [])  # the kernel prefills the rest
+            generated = [seq.generated for seq in engine.generate(prompts, 8, stopper, slots=slots)]
             step = engine.decode_one_token(torch.tensor([5, 9]), torch.tensor([shared + 3, shared + 1]))
         results[fused] = generated, step
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
+    return sum(len(ids) - (shared - 4 if prefix else 0) for ids in prompts[:slots])
 
 
 @pytest.mark.parametrize("split", [True, False])

@@ -758,6 +758,21 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed) {
   return stack[0].toTensor();
 }
 
+// A bf16 GEMM's output: rows of N in parts of `per` consecutive rows (one tensor each)
+struct Bf16Rows {
+  std::vector<at::Tensor> parts;
+  std::vector<const uint16_t*> data;
+  int64_t per = 1, N = 0;
+  const uint16_t* row(int64_t r) const { return data[r / per] + (r % per) * N; }
+  explicit operator bool() const { return !data.empty(); }
+};
+
+// Rows from which a bf16 GEMM on oneDNN-packed weights runs as one product per thread, each on that thread
+// alone, rather than one product over all threads: oneDNN barely scales a 522-row product to two threads for
+// some of SmolLM2's shapes (K 1536, N 576: 0.90 ms on two threads, 0.79 on one; K 576, N 576: 0.33 and 0.38 ms;
+// AMX Xeon, bf16). Inside a parallel region oneDNN runs on the calling thread.
+constexpr int64_t kSplitRows = 128;
+
 // One weight matrix: packed q4 (uint8 qweight, scales, mins) or q8 (int8 qweight, scales); for more rows than
 // `gemm_above` (a prefill, a batched step) the GEMM's copy: fp32 [K, N], bf16 [K, N] or packed for oneDNN; and for
 // q4 the same weights as tiles for int8 products (uint8 [N/16, K/32, 384], gemm_i8; empty when unused), which take
@@ -774,10 +789,32 @@ struct Packed {
            wt.scalar_type() == at::kBFloat16;
   }
 
-  // the bf16 GEMM of M bf16 rows [M, K]: bf16 [M, N]
-  at::Tensor gemm_bf16(const uint16_t* x, int64_t M) const {
-    const at::Tensor in = at::from_blob(const_cast<uint16_t*>(x), {M, K}, at::kBFloat16);
-    return wt.is_mkldnn() ? onednn_linear(in, wt) : at::mm(in, wt);
+  // the bf16 GEMM of M bf16 rows [M, K]: bf16 rows of N (see Bf16Rows)
+  Bf16Rows gemm_bf16(const uint16_t* x, int64_t M) const {
+    const int64_t threads = at::get_num_threads();
+    Bf16Rows y;
+    y.per = M >= kSplitRows && threads > 1 && wt.is_mkldnn() ? (M + threads - 1) / threads : M;
+    const int64_t parts = (M + y.per - 1) / y.per;
+    y.parts.resize(parts);
+    y.data.resize(parts);
+    y.N = N;
+    const auto part = [&](int64_t p) {
+      const int64_t rows = std::min(y.per, M - p * y.per);
+      const at::Tensor in = at::from_blob(const_cast<uint16_t*>(x + p * y.per * K), {rows, K}, at::kBFloat16);
+      at::Tensor out = wt.is_mkldnn() ? onednn_linear(in, wt) : at::mm(in, wt);
+      TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.sizes() == at::IntArrayRef({rows, N}),
+                  "decoder_layer: the bf16 GEMM gave ", out.scalar_type(), " ", out.sizes(), ", not contiguous bf16 [",
+                  rows, ", ", N, "]");
+      y.data[p] = reinterpret_cast<const uint16_t*>(out.data_ptr<at::BFloat16>());
+      y.parts[p] = std::move(out);
+    };
+    if (parts == 1)
+      part(0);
+    else  // one part a thread, oneDNN on one thread inside (see kSplitRows)
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) part(p);
+      });
+    return y;
   }
 
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
@@ -1593,12 +1630,6 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   uint16_t* const normed_b =
       qkv_b || o_b || gate_up_b || down_b ? layer_scratch_bf16.get(M * (std::max(H, I) + H)) : nullptr;
   uint16_t* const attended_b = normed_b ? normed_b + M * std::max(H, I) : nullptr;
-  const auto bf16_out = [M](const at::Tensor& y, int64_t N) {
-    TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.is_contiguous() && y.sizes() == at::IntArrayRef({M, N}),
-                "decoder_layer: the bf16 GEMM gave ", y.scalar_type(), " ", y.sizes(), ", not contiguous bf16 [", M,
-                ", ", N, "]");
-    return reinterpret_cast<const uint16_t*>(y.data_ptr<at::BFloat16>());
-  };
   const float* rot = rotations.data_ptr<float>();
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
@@ -1614,15 +1645,14 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     rms_norm_rows(x + r * H, attn_norm.data_ptr<float>(), 1, H, eps, normed + r * H);
     if (qkv_b) round_to_bf16(normed + r * H, H, normed_b + r * H);
   });
-  at::Tensor qkv_y;
+  Bf16Rows qkv_rows;
   if (qkv_b)
-    qkv_y = qkv.gemm_bf16(normed_b, M);
+    qkv_rows = qkv.gemm_bf16(normed_b, M);
   else
     qkv.apply(normed, M, mixed, int8_x);
-  const uint16_t* qkv_rows = qkv_b ? bf16_out(qkv_y, QKV) : nullptr;
   by_rows([&](int64_t r) {
     float* row = mixed + r * QKV;
-    if (qkv_rows) widen_bf16(qkv_rows + r * QKV, QKV, row);
+    if (qkv_rows) widen_bf16(qkv_rows.row(r), QKV, row);
     rotate_heads(row, heads + kv_heads, rot + ps[r] * D, D);
     for (int64_t g = 0; g < kv_heads; ++g) {
       const int64_t at_ = ((sl[r] * kv_heads + g) * capacity + ps[r]) * D;
@@ -1694,15 +1724,14 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       if (o_b) round_to_bf16(y, groups * D, attended_b + (y - attended));
     }
   });
-  at::Tensor o_y;
+  Bf16Rows o_rows;
   if (o_b)
-    o_y = o.gemm_bf16(attended_b, M);
+    o_rows = o.gemm_bf16(attended_b, M);
   else
     o.apply(attended, M, normed, int8_x);
-  const uint16_t* o_rows = o_b ? bf16_out(o_y, H) : nullptr;
   by_rows([&](int64_t r) {
     if (o_rows)
-      add_bf16(x + r * H, o_rows + r * H, H);
+      add_bf16(x + r * H, o_rows.row(r), H);
     else
       for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += normed[j];
     rms_norm_rows(x + r * H, mlp_norm.data_ptr<float>(), 1, H, eps, normed + r * H);
@@ -1710,16 +1739,15 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   });
 
   // MLP
-  at::Tensor gate_up_y;
+  Bf16Rows gate_up_rows;
   if (gate_up_b)
-    gate_up_y = gate_up.gemm_bf16(normed_b, M);
+    gate_up_rows = gate_up.gemm_bf16(normed_b, M);
   else
     gate_up.apply(normed, M, projected, int8_x);
-  const uint16_t* gate_up_rows = gate_up_b ? bf16_out(gate_up_y, 2 * I) : nullptr;
   by_rows([&](int64_t r) {
 #if defined(__AVX512F__)
     if (gate_up_rows && down_b && I % 16 == 0) {  // bf16 in and out, in registers: the same bits as below
-      const uint16_t* gate = gate_up_rows + r * 2 * I;
+      const uint16_t* gate = gate_up_rows.row(r);
       for (int64_t j = 0; j < I; j += 16) {
         const __m512 g = widen16(gate + j);
         const __m512 sig = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
@@ -1729,7 +1757,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     }
 #endif
     float* gate = projected + r * 2 * I;
-    if (gate_up_rows) widen_bf16(gate_up_rows + r * 2 * I, 2 * I, gate);
+    if (gate_up_rows) widen_bf16(gate_up_rows.row(r), 2 * I, gate);
     float* act = normed + r * I;
     int64_t j = 0;
 #if defined(__AVX512F__)
@@ -1747,15 +1775,14 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     for (; j < I; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * gate[I + j];
     if (down_b) round_to_bf16(act, I, normed_b + r * I);
   });
-  at::Tensor down_y;
+  Bf16Rows down_rows;
   if (down_b)
-    down_y = down.gemm_bf16(normed_b, M);
+    down_rows = down.gemm_bf16(normed_b, M);
   else
     down.apply(normed, M, attended, int8_x);
-  const uint16_t* down_rows = down_b ? bf16_out(down_y, H) : nullptr;
   by_rows([&](int64_t r) {
     if (down_rows)
-      add_bf16(x + r * H, down_rows + r * H, H);
+      add_bf16(x + r * H, down_rows.row(r), H);
     else
       for (int64_t j = r * H; j < (r + 1) * H; ++j) x[j] += attended[j];
   });
