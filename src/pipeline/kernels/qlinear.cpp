@@ -817,6 +817,14 @@ struct Packed {
     return y;
   }
 
+  // The product of M rows as the layer runs it: the bf16 GEMM's from its bf16 rows xb (returned), else the others'
+  // from the fp32 rows x into y (an empty Bf16Rows returned)
+  Bf16Rows product(const float* x, const uint16_t* xb, int64_t M, float* y, bool int8_x) const {
+    if (bf16_gemm(M)) return gemm_bf16(xb, M);
+    apply(x, M, y, int8_x);
+    return {};
+  }
+
   void apply(const float* x, int64_t M, float* y, bool int8_x) const {
     if (M > gemm_above && M <= tile_rows && tiles.defined() && tiles.numel()) {  // q8 matrices have no tiles
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -1645,11 +1653,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     rms_norm_rows(x + r * H, attn_norm.data_ptr<float>(), 1, H, eps, normed + r * H);
     if (qkv_b) round_to_bf16(normed + r * H, H, normed_b + r * H);
   });
-  Bf16Rows qkv_rows;
-  if (qkv_b)
-    qkv_rows = qkv.gemm_bf16(normed_b, M);
-  else
-    qkv.apply(normed, M, mixed, int8_x);
+  const Bf16Rows qkv_rows = qkv.product(normed, normed_b, M, mixed, int8_x);
   by_rows([&](int64_t r) {
     float* row = mixed + r * QKV;
     if (qkv_rows) widen_bf16(qkv_rows.row(r), QKV, row);
@@ -1724,11 +1728,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
       if (o_b) round_to_bf16(y, groups * D, attended_b + (y - attended));
     }
   });
-  Bf16Rows o_rows;
-  if (o_b)
-    o_rows = o.gemm_bf16(attended_b, M);
-  else
-    o.apply(attended, M, normed, int8_x);
+  const Bf16Rows o_rows = o.product(attended, attended_b, M, normed, int8_x);
   by_rows([&](int64_t r) {
     if (o_rows)
       add_bf16(x + r * H, o_rows.row(r), H);
@@ -1739,11 +1739,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
   });
 
   // MLP
-  Bf16Rows gate_up_rows;
-  if (gate_up_b)
-    gate_up_rows = gate_up.gemm_bf16(normed_b, M);
-  else
-    gate_up.apply(normed, M, projected, int8_x);
+  const Bf16Rows gate_up_rows = gate_up.product(normed, normed_b, M, projected, int8_x);
   by_rows([&](int64_t r) {
 #if defined(__AVX512F__)
     if (gate_up_rows && down_b && I % 16 == 0) {  // bf16 in and out, in registers: the same bits as below
@@ -1775,11 +1771,7 @@ void decoder_layer(const at::Tensor& h, const at::Tensor& slots, const at::Tenso
     for (; j < I; ++j) act[j] = gate[j] / (1.f + std::exp(-gate[j])) * gate[I + j];
     if (down_b) round_to_bf16(act, I, normed_b + r * I);
   });
-  Bf16Rows down_rows;
-  if (down_b)
-    down_rows = down.gemm_bf16(normed_b, M);
-  else
-    down.apply(normed, M, attended, int8_x);
+  const Bf16Rows down_rows = down.product(normed, normed_b, M, attended, int8_x);
   by_rows([&](int64_t r) {
     if (down_rows)
       add_bf16(x + r * H, down_rows.row(r), H);
