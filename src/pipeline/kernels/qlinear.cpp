@@ -698,7 +698,7 @@ void unpack_rows(const W& w, int64_t N, int64_t K, float* out, const int64_t* ro
 
 // The weight rows `rows` names (all, in order, when it is not given), checked against the matrix's N rows:
 // a constrained step's allowed tokens (Linear.rows), gathered while they are unpacked, with no copies of the
-// packed rows first (three index ops, 64 us a step, 2% of the batched stage: AMX Xeon, cProfile).
+// packed rows first (three index ops before: 15.5 -> 7.6 us a call for 8 lm_head rows, AMX Xeon).
 at::Tensor picked_rows(const std::optional<at::Tensor>& rows, int64_t N, const char* op) {
   if (!rows.has_value()) return at::Tensor();
   const at::Tensor ids = rows->to(at::kLong).contiguous();
